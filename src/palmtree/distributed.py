@@ -1,0 +1,185 @@
+"""The collectives of the loss, for ranks that hold different numbers of pairs.
+
+Everything here is plain ``torch.distributed`` (gloo on CPU, NCCL on GPUs). Each
+function works without an initialised process group (world size 1) and with an
+explicit ``group``. Per-rank batch sizes may differ and may be zero: rows are padded
+to the largest rank for the fixed-size collectives and unpadded afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class ClipLossInputError(ValueError):
+    """Bad input to the loss. Raised on every rank, naming the rank(s) at fault."""
+
+
+def is_distributed(group=None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def world(group=None) -> tuple[int, int]:
+    """``(rank, world_size)`` within ``group``; ``(0, 1)`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the global batch is split: ``sizes[r]`` pairs on rank ``r``, in rank order."""
+
+    rank: int
+    world_size: int
+    sizes: tuple[int, ...]
+    group: object = None
+
+    @property
+    def b_local(self) -> int:
+        return self.sizes[self.rank]
+
+    @property
+    def b_global(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def b_max(self) -> int:
+        return max(self.sizes)
+
+    def owner_of_columns(self, device) -> torch.Tensor:
+        """``[B]`` rank index owning each global column."""
+        return torch.repeat_interleave(
+            torch.arange(self.world_size, device=device),
+            torch.tensor(self.sizes, device=device),
+        )
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def exchange_layout(
+    b_local: int,
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    local_error: str | None,
+    group=None,
+) -> Layout:
+    """Agrees on the batch layout and validates inputs on every rank at once.
+
+    One small all-gather carries each rank's batch size, feature dim, dtype and
+    whether it found a problem in its own inputs. Every rank then raises the same
+    :class:`ClipLossInputError` (instead of one rank raising and the rest hanging
+    in the next collective).
+    """
+    rank, world_size = world(group)
+    if world_size == 1:
+        if local_error is not None:
+            raise ClipLossInputError(local_error)
+        return Layout(0, 1, (b_local,), group)
+
+    meta = torch.tensor(
+        [b_local, dim, _DTYPE_CODES.get(dtype, -1), int(local_error is not None)],
+        dtype=torch.int64,
+        device=device,
+    )
+    gathered = torch.empty(world_size * 4, dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(gathered, meta, group=group)
+    rows = gathered.view(world_size, 4).tolist()
+
+    if any(row[3] for row in rows):
+        # Rare path: fetch the actual messages so every rank can report them.
+        messages: list[str | None] = [None] * world_size
+        dist.all_gather_object(messages, local_error, group=group)
+        text = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+        raise ClipLossInputError(text)
+
+    dims = [row[1] for row in rows]
+    if len(set(dims)) > 1:
+        listing = ", ".join(f"rank {r}: {d}" for r, d in enumerate(dims))
+        raise ClipLossInputError(f"feature dim differs across ranks ({listing})")
+    codes = [row[2] for row in rows]
+    if len(set(codes)) > 1:
+        names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
+        listing = ", ".join(f"rank {r}: {names.get(c, 'other')}" for r, c in enumerate(codes))
+        raise ClipLossInputError(f"feature dtype differs across ranks ({listing})")
+    return Layout(rank, world_size, tuple(row[0] for row in rows), group)
+
+
+def gather_rows(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """All ranks' rows of ``x`` concatenated in rank order (``[B, ...]``), no autograd."""
+    if layout.world_size == 1:
+        return x
+    padded = x.new_zeros((layout.b_max, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    out = x.new_empty((layout.world_size * layout.b_max, *x.shape[1:]))
+    dist.all_gather_into_tensor(out, padded.contiguous(), group=layout.group)
+    if all(s == layout.b_max for s in layout.sizes):
+        return out
+    return torch.cat(
+        [out[r * layout.b_max : r * layout.b_max + s] for r, s in enumerate(layout.sizes)]
+    )
+
+
+def reduce_scatter_rows(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Sums ``[B, ...]`` partials over ranks and returns this rank's ``[b_local, ...]`` rows."""
+    if layout.world_size == 1:
+        return x
+    if all(s == layout.b_max for s in layout.sizes):
+        padded = x.contiguous()
+    else:
+        padded = x.new_zeros((layout.world_size * layout.b_max, *x.shape[1:]))
+        start = 0
+        for r, s in enumerate(layout.sizes):
+            padded[r * layout.b_max : r * layout.b_max + s] = x[start : start + s]
+            start += s
+    out = x.new_empty((layout.b_max, *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM, group=layout.group)
+    return out[: layout.b_local]
+
+
+def all_reduce_(x: torch.Tensor, layout: Layout, op=None) -> torch.Tensor:
+    if layout.world_size > 1:
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=layout.group)
+    return x
+
+
+def all_gather_scalar(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``[world_size]`` tensor of every rank's value of the 0-dim tensor ``x``."""
+    x = x.reshape(1)
+    if layout.world_size == 1:
+        return x
+    out = x.new_empty(layout.world_size)
+    dist.all_gather_into_tensor(out, x.contiguous(), group=layout.group)
+    return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient and sends each rank its rows.
+
+    This is the gather that keeps a distributed loss exact: rank ``r``'s features
+    receive the gradient that *all* ranks' losses send them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layout):
+        ctx.layout = layout
+        return gather_rows(x, layout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_rows(grad.contiguous(), ctx.layout), None
+
+
+def gather_rows_with_grad(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    if layout.world_size == 1:
+        return x
+    return _GatherRows.apply(x, layout)

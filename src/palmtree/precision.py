@@ -1,0 +1,94 @@
+"""Operand precision of the similarity matmuls.
+
+Statistics, softmax weights and every accumulator are fp32 whatever the mode; the
+mode only decides how the *operands* of the ``U @ V^T`` products are rounded:
+
+* ``"ieee"``: exact fp32 products.
+* ``"tf32"``: operands rounded to TF32 (10-bit mantissa), fp32 accumulation.
+* ``"bf16"``: operands rounded to bfloat16, fp32 accumulation and fp32 output
+  (the logits are never rounded to bf16; that alone costs ~1e-3 relative error
+  in the loss).
+
+The default follows PyTorch's own switch for fp32 matmuls,
+``torch.get_float32_matmul_precision()``: ``highest -> ieee``, ``high -> tf32``,
+``medium -> bf16``. Features are normalised in fp32 before any product, so the
+rule is the same for fp32, bf16 and fp16 inputs.
+
+On CPUs (no TF32 units, no fp32-output bf16 GEMM) the rounded operands are
+multiplied exactly in fp32: products of bf16/TF32 values are exact in fp32, so
+the result is what a GPU's fp32-accumulating kernel computes, up to summation
+order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .backends.base import PRECISIONS
+
+_FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+
+
+def resolve_precision(precision: str | None) -> str:
+    """Turns ``None`` into the mode PyTorch's fp32 matmul setting asks for."""
+    if precision is None:
+        return _FROM_TORCH.get(torch.get_float32_matmul_precision(), "ieee")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+    return precision
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """Rounds fp32 values to the nearest TF32 value (10 explicit mantissa bits)."""
+    bits = x.contiguous().view(torch.int32)
+    # Round half away from zero on the 13 dropped mantissa bits, as the tensor cores do.
+    bits = (bits + (1 << 12)) & ~((1 << 13) - 1)
+    return bits.view(torch.float32)
+
+
+def cast_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """The operand as the matmul will consume it (device-specific representation)."""
+    if precision == "bf16":
+        x = x.to(torch.bfloat16)
+        return x if x.is_cuda and _has_fp32_out_mm() else x.float()
+    if precision == "tf32" and not x.is_cuda:
+        return round_to_tf32(x)
+    return x
+
+
+@contextlib.contextmanager
+def _cuda_tf32(enabled: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+_FP32_OUT_MM: bool | None = None
+
+
+def _has_fp32_out_mm() -> bool:
+    """Whether ``torch.mm(bf16, bf16, out_dtype=float32)`` exists (CUDA, torch >= 2.8)."""
+    global _FP32_OUT_MM
+    if _FP32_OUT_MM is None:
+        try:
+            a = torch.zeros(1, 1, dtype=torch.bfloat16, device="cuda")
+            torch.mm(a, a, out_dtype=torch.float32)
+            _FP32_OUT_MM = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT_MM = False
+    return _FP32_OUT_MM
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """``a @ b`` in fp32 for operands already passed through :func:`cast_operand`."""
+    if a.dtype == torch.bfloat16:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    if a.is_cuda:
+        with _cuda_tf32(precision == "tf32"):
+            return torch.mm(a, b)
+    return torch.mm(a, b)

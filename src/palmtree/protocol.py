@@ -1,0 +1,105 @@
+"""The single-pass distributed protocol shared by the ``chunked`` and ``fused`` backends.
+
+Per rank ``r`` with unit image rows ``U_r`` and unit text rows ``V_r`` (DESIGN.md §1-2):
+
+forward
+  1. all-gather the texts: ``V_all`` (``B x D``); images never leave the rank;
+  2. kernel pass over ``S_r = s * U_r V_all^T``: row log-sum-exps (complete), column
+     partial log-sum-exps over the local rows, maxima and the positives;
+  3. one MAX all-reduce and one SUM all-reduce complete the column log-sum-exps;
+  4. rank ``r`` returns ``N * share_r``; the metrics are reduced with one more small
+     all-reduce.
+
+backward
+  1. all-gather the N upstream gradients (they may differ per rank);
+  2. kernel pass recomputing ``S_r``: ``dU_r``, this rank's partial ``dV`` for every
+     column, and its part of ``ds``;
+  3. one reduce-scatter sends each rank the sum of every rank's ``dV`` for its texts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .backends.base import Kernels
+from .distributed import Layout, all_gather_scalar, all_reduce_, gather_rows, reduce_scatter_rows
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    kernels: Kernels
+    layout: Layout
+    precision: str
+    chunk_size: int | None
+
+
+def complete_column_lse(
+    col_lse: torch.Tensor, col_max: torch.Tensor, layout: Layout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-sum-exp all-reduce of per-rank column partials; also the global column max."""
+    big = layout.b_global
+    maxima = all_reduce_(torch.cat([col_lse, col_max]), layout, dist.ReduceOp.MAX)
+    shift = maxima[:big]
+    # A rank with no rows contributes -inf partials; the shift itself is always finite
+    # because every column has at least one row somewhere.
+    total = all_reduce_(torch.exp(col_lse - shift), layout)
+    return shift + torch.log(total), maxima[big:]
+
+
+class SinglePassLoss(torch.autograd.Function):
+    """``(U_r, V_r, s) -> (N * share_r, global metric sums)``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, u, v, scale, opts: PassOptions):
+        layout = opts.layout
+        o, b, big = layout.offset, layout.b_local, layout.b_global
+        v_all = gather_rows(v, layout)
+        stats = opts.kernels.forward(u, v_all, scale, o, opts.precision, opts.chunk_size)
+        col_lse, col_max = complete_column_lse(stats.col_lse, stats.col_max, layout)
+
+        row_terms = stats.row_lse - stats.diag
+        col_terms = col_lse[o : o + b] - stats.diag
+        sums = torch.stack(
+            [
+                row_terms.sum(),
+                col_terms.sum(),
+                (stats.diag >= stats.row_max).sum().float(),
+                (stats.diag >= col_max[o : o + b]).sum().float(),
+            ]
+        )
+        share = (sums[0] + sums[1]) / (2 * big)
+        all_reduce_(sums, layout)
+
+        ctx.opts = opts
+        ctx.save_for_backward(u, v_all, scale, stats.row_lse, col_lse)
+        ctx.mark_non_differentiable(sums)
+        return layout.world_size * share, sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_sums):
+        opts = ctx.opts
+        layout = opts.layout
+        u, v_all, scale, row_lse, col_lse = ctx.saved_tensors
+        # Each rank's share is weighted by its own upstream gradient (loss weights,
+        # accumulation): gather them so every rank can weight every column.
+        upstream = all_gather_scalar(grad_loss.detach().float(), layout)
+        weights = upstream * (layout.world_size / (2 * layout.b_global))
+        w_row = weights[layout.rank].expand(layout.b_local)
+        w_col = weights[layout.owner_of_columns(weights.device)]
+        du, dv_partial, dscale = opts.kernels.backward(
+            u,
+            v_all,
+            scale,
+            layout.offset,
+            opts.precision,
+            opts.chunk_size,
+            row_lse,
+            col_lse,
+            w_row,
+            w_col,
+        )
+        dv = reduce_scatter_rows(dv_partial, layout)
+        return du, dv, dscale.reshape(scale.shape), None
