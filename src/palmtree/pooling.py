@@ -38,5 +38,9 @@ def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = empty.nonzero().flatten().tolist()
         shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
         raise ValueError(f"text_mask has no real token in row(s) {shown}")
-    pooled = torch.einsum("bl,bld->bd", weights, x.float()) / counts
-    return pooled.to(x.dtype)
+    return (torch.einsum("bl,bld->bd", weights, x.float()) / counts).to(x.dtype)
+
+
+def masked_mean_pool_fp32(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_mean_pool` that keeps the fp32 result (what the loss consumes)."""
+    return masked_mean_pool(x.float(), mask)

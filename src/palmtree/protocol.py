@@ -36,17 +36,15 @@ class PassOptions:
     chunk_size: int | None
 
 
-def complete_column_lse(
-    col_lse: torch.Tensor, col_max: torch.Tensor, layout: Layout
+def complete_columns(
+    col_max: torch.Tensor, col_sum: torch.Tensor, layout: Layout
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-sum-exp all-reduce of per-rank column partials; also the global column max."""
-    big = layout.b_global
-    maxima = all_reduce_(torch.cat([col_lse, col_max]), layout, dist.ReduceOp.MAX)
-    shift = maxima[:big]
-    # A rank with no rows contributes -inf partials; the shift itself is always finite
-    # because every column has at least one row somewhere.
-    total = all_reduce_(torch.exp(col_lse - shift), layout)
-    return shift + torch.log(total), maxima[big:]
+    """Global column (max, sum of exp) from every rank's partials: a MAX, then a SUM."""
+    global_max = all_reduce_(col_max.clone(), layout, dist.ReduceOp.MAX)
+    # A rank with no rows has partials (-inf, 0): its rescaled sum is 0 * 0 = 0. The
+    # global max itself is finite, since every column has a row on some rank.
+    rescaled = col_sum * torch.exp(col_max - global_max)
+    return global_max, all_reduce_(rescaled, layout)
 
 
 class SinglePassLoss(torch.autograd.Function):
@@ -58,7 +56,8 @@ class SinglePassLoss(torch.autograd.Function):
         o, b, big = layout.offset, layout.b_local, layout.b_global
         v_all = gather_rows(v, layout)
         stats = opts.kernels.forward(u, v_all, scale, o, opts.precision, opts.chunk_size)
-        col_lse, col_max = complete_column_lse(stats.col_lse, stats.col_max, layout)
+        col_max, col_sum = complete_columns(stats.col_max, stats.col_sum, layout)
+        col_lse = col_max + torch.log(col_sum)
 
         row_terms = stats.row_lse - stats.diag
         col_terms = col_lse[o : o + b] - stats.diag
@@ -74,7 +73,7 @@ class SinglePassLoss(torch.autograd.Function):
         all_reduce_(sums, layout)
 
         ctx.opts = opts
-        ctx.save_for_backward(u, v_all, scale, stats.row_lse, col_lse)
+        ctx.save_for_backward(u, v_all, scale, stats.row_max, stats.row_sum, col_max, col_sum)
         ctx.mark_non_differentiable(sums)
         return layout.world_size * share, sums
 
@@ -82,24 +81,26 @@ class SinglePassLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_sums):
         opts = ctx.opts
         layout = opts.layout
-        u, v_all, scale, row_lse, col_lse = ctx.saved_tensors
+        u, v_all, scale, row_max, row_sum, col_max, col_sum = ctx.saved_tensors
         # Each rank's share is weighted by its own upstream gradient (loss weights,
         # accumulation): gather them so every rank can weight every column.
         upstream = all_gather_scalar(grad_loss.detach().float(), layout)
         weights = upstream * (layout.world_size / (2 * layout.b_global))
-        w_row = weights[layout.rank].expand(layout.b_local)
+        o, b = layout.offset, layout.b_local
+        w_row = weights[layout.rank].expand(b)
         w_col = weights[layout.owner_of_columns(weights.device)]
         du, dv_partial, dscale = opts.kernels.backward(
             u,
             v_all,
             scale,
-            layout.offset,
+            o,
             opts.precision,
             opts.chunk_size,
-            row_lse,
-            col_lse,
-            w_row,
-            w_col,
+            row_max,
+            w_row / row_sum,
+            col_max,
+            w_col / col_sum,
+            w_row + w_col[o : o + b],
         )
         dv = reduce_scatter_rows(dv_partial, layout)
         return du, dv, dscale.reshape(scale.shape), None

@@ -7,25 +7,24 @@ A kernel backend sees one rank's slice of the global logits and nothing else:
 
 Row ``i`` of ``U`` is global pair ``offset + i``, so its positive is column
 ``offset + i``. Kernels never talk to other ranks; :mod:`palmtree.protocol` does
-the gathers, the log-sum-exp all-reduce and the reduce-scatter around them.
+the gathers, the column all-reduces and the reduce-scatter around them.
 
-``forward`` returns the statistics of the local rows. ``backward`` is given the
-completed (global) column log-sum-exps and per-row / per-column weights and
-returns the gradients of
+``forward`` returns the statistics of the local rows as (max, sum of exp) pairs.
+``backward`` is given, for every local row and every global column, a shift and a
+coefficient, and builds
 
-    J = sum_i w_row[i] * (row_lse[i] - S[i, offset+i])
-      + sum_j w_col[j] * (col_lse[j] - S[j-offset, j])   (second sum: local j only)
+    G[i, j] = row_coef[i] * exp(S[i, j] - row_shift[i])
+            + col_coef[j] * exp(S[i, j] - col_shift[j])
+            - [j == offset + i] * pos_weight[i]
 
-restricted to the local rows, i.e. with
+then returns ``dU = scale * G @ V``, ``dV = scale * G^T @ U`` (this rank's partial for
+every column; the protocol sums the partials across ranks) and
+``dscale = sum_ij G[i, j] * S[i, j] / scale``.
 
-    G[i, j] = w_row[i] * exp(S[i, j] - row_lse[i]) + w_col[j] * exp(S[i, j] - col_lse[j])
-              - [j == offset + i] * (w_row[i] + w_col[j])
-
-    dU = scale * G @ V,   dV = scale * G^T @ U,   dscale = sum_ij G[i, j] * S[i, j] / scale.
-
-``w_col`` is given for all ``B`` columns; the positive term uses it only on the
-local diagonal. ``dV`` is this rank's partial for every column: the protocol sums
-the partials across ranks.
+The protocol sets ``shift`` to the (global) maximum and ``coef = weight / sum`` so that
+``coef * exp(S - shift)`` is the weighted softmax normalised exactly as a plain softmax
+is; a log-sum-exp shift would bias every row's probabilities by the rounding of the
+log-sum-exp itself (``eps * |lse|``, large at scale 100).
 """
 
 from __future__ import annotations
@@ -42,18 +41,22 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 class ForwardStats:
     """Statistics of one rank's ``b x B`` block of logits (all fp32).
 
-    row_lse: [b] log-sum-exp over all ``B`` columns of each local row.
-    row_max: [b] maximum of each local row.
-    col_lse: [B] log-sum-exp over the local rows only (``-inf`` when ``b == 0``).
+    row_max: [b] maximum of each local row over all ``B`` columns.
+    row_sum: [b] ``sum_j exp(S[i, j] - row_max[i])``.
     col_max: [B] maximum over the local rows only (``-inf`` when ``b == 0``).
+    col_sum: [B] ``sum_i exp(S[i, j] - col_max[j])`` over the local rows (0 when ``b == 0``).
     diag:    [b] the positive logits ``S[i, offset + i]``, computed as the tiles are.
     """
 
-    row_lse: torch.Tensor
     row_max: torch.Tensor
-    col_lse: torch.Tensor
+    row_sum: torch.Tensor
     col_max: torch.Tensor
+    col_sum: torch.Tensor
     diag: torch.Tensor
+
+    @property
+    def row_lse(self) -> torch.Tensor:
+        return self.row_max + torch.log(self.row_sum)
 
 
 class Kernels(Protocol):
@@ -79,10 +82,11 @@ class Kernels(Protocol):
         offset: int,
         precision: str,
         chunk_size: int | None,
-        row_lse: torch.Tensor,
-        col_lse: torch.Tensor,
-        w_row: torch.Tensor,
-        w_col: torch.Tensor,
+        row_shift: torch.Tensor,
+        row_coef: torch.Tensor,
+        col_shift: torch.Tensor,
+        col_coef: torch.Tensor,
+        pos_weight: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(dU [b, D], dV_partial [B, D], dscale [])``, all fp32."""
         ...

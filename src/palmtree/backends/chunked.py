@@ -42,11 +42,11 @@ class ChunkedKernels:
     def forward(self, u, v, scale, offset, precision, chunk_size) -> ForwardStats:
         b, big = u.shape[0], v.shape[0]
         f32 = dict(dtype=torch.float32, device=u.device)
-        col_lse = torch.full((big,), -torch.inf, **f32)
         col_max = torch.full((big,), -torch.inf, **f32)
+        col_sum = torch.zeros(big, **f32)
         if b == 0:
             empty = torch.empty(0, **f32)
-            return ForwardStats(empty, empty, col_lse, col_max, empty)
+            return ForwardStats(empty, empty, col_max, col_sum, empty)
         chunk = chunk_size or auto_chunk_size(b, big, u.device)
         uq = cast_operand(u, precision)
         row_max = torch.full((b,), -torch.inf, **f32)
@@ -55,11 +55,11 @@ class ChunkedKernels:
         for c0 in range(0, big, chunk):
             c1 = min(c0 + chunk, big)
             s = mm(uq, cast_operand(v[c0:c1], precision).T, precision).mul_(scale)
-            # Columns: complete over the local rows in this one chunk.
+            # Columns: complete over the local rows within this one chunk.
             cmax = s.amax(0)
             col_max[c0:c1] = cmax
-            col_lse[c0:c1] = cmax + torch.log(torch.exp(s - cmax).sum(0))
-            # Rows: online log-sum-exp across chunks.
+            col_sum[c0:c1] = torch.exp(s - cmax).sum(0)
+            # Rows: online rescaling across chunks.
             new_max = torch.maximum(row_max, s.amax(1))
             row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(
                 s - new_max[:, None]
@@ -68,10 +68,21 @@ class ChunkedKernels:
             where = _diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
                 diag[where[0]] = s[where[0], where[1]]
-        return ForwardStats(row_max + torch.log(row_sum), row_max, col_lse, col_max, diag)
+        return ForwardStats(row_max, row_sum, col_max, col_sum, diag)
 
     def backward(
-        self, u, v, scale, offset, precision, chunk_size, row_lse, col_lse, w_row, w_col
+        self,
+        u,
+        v,
+        scale,
+        offset,
+        precision,
+        chunk_size,
+        row_shift,
+        row_coef,
+        col_shift,
+        col_coef,
+        pos_weight,
     ):
         b, big = u.shape[0], v.shape[0]
         du = torch.zeros_like(u, dtype=torch.float32)
@@ -85,11 +96,11 @@ class ChunkedKernels:
             c1 = min(c0 + chunk, big)
             vq = cast_operand(v[c0:c1], precision)
             s = mm(uq, vq.T, precision).mul_(scale)
-            g = torch.exp(s - row_lse[:, None]).mul_(w_row[:, None])
-            g += torch.exp(s - col_lse[None, c0:c1]).mul_(w_col[None, c0:c1])
+            g = torch.exp(s - row_shift[:, None]).mul_(row_coef[:, None])
+            g += torch.exp(s - col_shift[None, c0:c1]).mul_(col_coef[None, c0:c1])
             where = _diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
-                g[where[0], where[1]] -= w_row[where[0]] + w_col[c0 + where[1]]
+                g[where[0], where[1]] -= pos_weight[where[0]]
             dscale += (g * s).sum()
             gq = cast_operand(g, precision)
             du += mm(gq, vq, precision)
