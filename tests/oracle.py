@@ -69,7 +69,7 @@ def truth(img, txt, log_scale: float, sizes, weights=None, dtype=torch.float64, 
 
 
 def max_err(a, b) -> float:
-    return float((a.double() - b.double()).abs().max())
+    return float((a.detach().double() - b.detach().double()).abs().max())
 
 
 def assert_close_to_truth(name, ours, naive, exact, factor=2.0, rel=1e-6, atol=0.0):
@@ -84,7 +84,9 @@ def assert_close_to_truth(name, ours, naive, exact, factor=2.0, rel=1e-6, atol=0
     bound = factor * max_err(naive, exact) + rel * scale + atol
     err = max_err(ours, exact)
     assert not torch.isnan(torch.as_tensor(ours)).any(), f"{name}: NaN"
-    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (naive {max_err(naive, exact):.3e})"
+    assert err <= bound, (
+        f"{name}: error {err:.3e} > bound {bound:.3e} (naive {max_err(naive, exact):.3e})"
+    )
 
 
 LOG_10 = math.log(10.0)

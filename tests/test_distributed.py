@@ -11,8 +11,14 @@ import math
 
 import pytest
 import torch
-from dist_cases import TwoTower, ddp_gradients, empty_world, loss_and_grads, raises_on_bad_input
-from dist_cases import tower_batch
+from dist_cases import (
+    TwoTower,
+    ddp_gradients,
+    empty_world,
+    loss_and_grads,
+    raises_on_bad_input,
+    tower_batch,
+)
 from oracle import LOG_10, assert_close_to_truth, make_batch, truth
 from world import World
 
@@ -80,8 +86,9 @@ def test_scale_above_the_cap(world, backend, noise):
     n = world.size
     sizes = SPLITS[n][-1]
     log_scale = float(torch.tensor(100.0).log()) + 0.5
-    results = world.run(loss_and_grads, backend, "ieee", sizes, [1.0] * n, 16, 7, log_scale,
-                        noise=noise)
+    results = world.run(
+        loss_and_grads, backend, "ieee", sizes, [1.0] * n, 16, 7, log_scale, noise=noise
+    )
     _check(results, sizes, [1.0] * n, 16, 7, log_scale, backend, noise)
     for r in results:
         assert r["metrics"]["logit_scale"] == pytest.approx(100.0)

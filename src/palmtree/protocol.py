@@ -79,6 +79,13 @@ class SinglePassLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
+        # backward() may be called inside the user's autocast region: the kernels'
+        # products must keep the precision the forward chose.
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            return SinglePassLoss._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         opts = ctx.opts
         layout = opts.layout
         u, v_all, scale, row_max, row_sum, col_max, col_sum = ctx.saved_tensors

@@ -61,9 +61,9 @@ class ChunkedKernels:
             col_sum[c0:c1] = torch.exp(s - cmax).sum(0)
             # Rows: online rescaling across chunks.
             new_max = torch.maximum(row_max, s.amax(1))
-            row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(
-                s - new_max[:, None]
-            ).sum(1)
+            row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(s - new_max[:, None]).sum(
+                1
+            )
             row_max = new_max
             where = _diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
