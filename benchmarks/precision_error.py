@@ -59,7 +59,9 @@ def main():
             ls = torch.tensor(log_scale, requires_grad=True)
             out = palmtree.clip_loss(i, t, ls, backend=args.backend, precision=precision)
             out.loss.backward()
-            errs = [rel(x, y) for x, y in zip((out.loss, i.grad, t.grad, ls.grad), exact)]
+            errs = [
+                rel(x, y) for x, y in zip((out.loss, i.grad, t.grad, ls.grad), exact, strict=True)
+            ]
             cells = " | ".join(f"{e:.1e}" for e in errs)
             print(f"| {scale:.1f} | {float(exact[0]):.3f} | {precision} | {cells} |")
 
