@@ -14,6 +14,11 @@ import torch
 import torch.distributed as dist
 
 
+# torch 2.13 renamed the fixed-size collectives; older releases only have the old names.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class ClipLossInputError(ValueError):
     """Bad input to the loss. Raised on every rank, naming the rank(s) at fault."""
 
@@ -92,7 +97,7 @@ def exchange_layout(
         device=device,
     )
     gathered = torch.empty(world_size * 4, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(gathered, meta, group=group)
+    _all_gather(gathered, meta, group=group)
     rows = gathered.view(world_size, 4).tolist()
 
     if any(row[3] for row in rows):
@@ -121,7 +126,7 @@ def gather_rows(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     padded = x.new_zeros((layout.b_max, *x.shape[1:]))
     padded[: x.shape[0]] = x
     out = x.new_empty((layout.world_size * layout.b_max, *x.shape[1:]))
-    dist.all_gather_into_tensor(out, padded.contiguous(), group=layout.group)
+    _all_gather(out, padded.contiguous(), group=layout.group)
     if all(s == layout.b_max for s in layout.sizes):
         return out
     return torch.cat(
@@ -142,7 +147,7 @@ def reduce_scatter_rows(x: torch.Tensor, layout: Layout) -> torch.Tensor:
             padded[r * layout.b_max : r * layout.b_max + s] = x[start : start + s]
             start += s
     out = x.new_empty((layout.b_max, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM, group=layout.group)
+    _reduce_scatter(out, padded, op=dist.ReduceOp.SUM, group=layout.group)
     return out[: layout.b_local]
 
 
@@ -158,7 +163,7 @@ def all_gather_scalar(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     if layout.world_size == 1:
         return x
     out = x.new_empty(layout.world_size)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=layout.group)
+    _all_gather(out, x.contiguous(), group=layout.group)
     return out
 
 

@@ -1,0 +1,140 @@
+"""The two towers and the module that joins them with :class:`palmtree.ClipLoss`.
+
+Both towers accept an empty batch (``b = 0``), which a rank gets when the last global
+batch does not reach it. Neither uses batch statistics (no BatchNorm), so a rank's
+features do not depend on how the global batch was split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import palmtree
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 1
+    image_width: int = 32  # channels of the first conv block
+    image_dim: int = 128  # image tower output
+    vocab_size: int = 64
+    context_length: int = 32
+    text_width: int = 64  # token latent dim: differs from image_dim on purpose
+    text_layers: int = 2
+    text_heads: int = 4
+    embed_dim: int = 64  # shared space, reached through ClipLoss's projections
+    init_logit_scale: float = math.log(1 / 0.07)
+    logit_scale_max: float = 100.0
+    backend: str = "auto"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ImageEncoder(nn.Module):
+    """A small CNN: two conv stages, global average pooling, a linear head."""
+
+    def __init__(self, in_channels: int, width: int, out_dim: int) -> None:
+        super().__init__()
+        w = width
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU()]
+
+        self.features = nn.Sequential(
+            *block(in_channels, w),
+            *block(w, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            *block(2 * w, 2 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * w, out_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[b, C, H, W]`` -> ``[b, out_dim]``."""
+        return self.head(self.features(images))
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention + MLP; padding keys are masked out."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"text width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, length, width = x.shape
+        qkv = self.qkv(self.norm1(x)).view(b, length, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        # scaled_dot_product_attention, unlike nn.MultiheadAttention, accepts b = 0.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = x + self.out(y.transpose(1, 2).reshape(b, length, width))
+        return x + self.mlp(self.norm2(x))
+
+
+class TextEncoder(nn.Module):
+    """A small pre-norm Transformer over word tokens; returns token latents ``[b, L, width]``.
+
+    Pooling is left to the loss (``masked_mean_pool`` with the text mask).
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int):
+        super().__init__()
+        self.token = nn.Embedding(vocab_size, width)
+        self.position = nn.Parameter(torch.randn(context_length, width) * 0.02)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``ids, mask [b, L]`` -> token latents ``[b, L, width]``."""
+        length = ids.shape[1]
+        if length > self.position.shape[0]:
+            raise ValueError(f"{length} tokens exceed the context length {self.position.shape[0]}")
+        x = self.token(ids) + self.position[:length]
+        mask = mask.bool()
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+
+class DualEncoder(nn.Module):
+    """Image tower + text tower + the loss (which owns the scale and the projections)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image = ImageEncoder(config.in_channels, config.image_width, config.image_dim)
+        self.text = TextEncoder(
+            config.vocab_size,
+            config.context_length,
+            config.text_width,
+            config.text_layers,
+            config.text_heads,
+        )
+        self.loss_fn = palmtree.ClipLoss(
+            image_dim=config.image_dim,
+            text_dim=config.text_width,
+            embed_dim=config.embed_dim,
+            init_logit_scale=config.init_logit_scale,
+            logit_scale_max=config.logit_scale_max,
+            backend=config.backend,
+        )
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+        """Returns :class:`palmtree.ClipLossOutput`; a collective over all ranks."""
+        return self.loss_fn(self.image(images), self.text(ids, mask), text_mask=mask)

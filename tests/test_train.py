@@ -1,0 +1,215 @@
+"""``palmtree train`` end to end, driven through ``main(argv)``.
+
+Tiny settings keep it fast: batch 100 per rank on 2 gloo ranks makes 8 steps per epoch
+over the 1438 training digits, and the last global batch (38 pairs) leaves rank 1 empty.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from palmtree.train import main
+from palmtree.train.data import (
+    EVAL_TEMPLATES,
+    TRAIN_TEMPLATES,
+    GlobalBatchSampler,
+    class_captions,
+    stratified_split,
+)
+from palmtree.train.launch import report_rank_failure
+from palmtree.train.tokenizer import WordTokenizer
+
+FAST = ["--batch-size", "100", "--no-progress", "--warmup", "4"]
+TIMING = {"wall_seconds", "train_seconds", "pairs_seen_this_run", "resumed_from"}
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _untimed(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "samples_per_s"}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """Two epochs on two spawned gloo ranks, uninterrupted."""
+    logs = tmp_path_factory.mktemp("runs")
+    assert main(["--logs", str(logs), "--name", "full", "--epochs", "2", *FAST]) == 0
+    return logs / "full"
+
+
+@pytest.mark.slow
+def test_two_ranks_end_to_end(full_run):
+    results = json.loads((full_run / "results.json").read_text())
+    for key in ("zero_shot_top1", "image_to_text_r1", "text_to_image_r1"):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["world_size"] == 2 and results["epochs"] == 2 and results["steps"] == 16
+    assert results["completed"] and results["wall_seconds"] > 0
+    assert results["zero_shot_top1"] > 0.3  # far above chance (0.1) after 16 steps
+
+    rows = _rows(full_run)
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 17))
+    assert [r["epoch"] for r in evals] == [1, 2]
+    # No padding: every epoch sees each of the 1438 training pairs exactly once.
+    assert sum(r["b_global"] for r in train[:8]) == 1438
+    assert train[7]["b_global"] == 38  # rank 0: 38 pairs, rank 1: none
+    for r in train:
+        for key in ("loss", "acc_i2t", "acc_t2i", "logit_scale", "samples_per_s"):
+            assert math.isfinite(r[key])
+    assert (full_run / "curves.png").stat().st_size > 10_000
+
+    ckpts = sorted(p.name for p in (full_run / "checkpoints").glob("*.pt"))
+    assert ckpts == ["epoch_2.pt", "latest.pt"]
+    state = torch.load(full_run / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["global_step"] == 16 and len(state["rng"]) == 2
+    tok = WordTokenizer.from_state_dict(state["tokenizer"])
+    assert tok.encode("a handwritten seven")[-1] != 1  # "seven" is in the vocabulary
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(full_run):
+    logs = full_run.parent
+    common = ["--logs", str(logs), "--name", "resumed", "--epochs", "2", *FAST]
+    assert main([*common, "--max-steps", "11"]) == 0  # "killed" in the middle of epoch 2
+    stopped = json.loads((logs / "resumed" / "results.json").read_text())
+    assert not stopped["completed"] and stopped["steps"] == 11
+    assert (logs / "resumed" / "checkpoints" / "step_11.pt").exists()
+    assert main([*common, "--resume"]) == 0
+
+    want = json.loads((full_run / "results.json").read_text())
+    got = json.loads((logs / "resumed" / "results.json").read_text())
+    assert {k: v for k, v in got.items() if k not in TIMING} == {
+        k: v for k, v in want.items() if k not in TIMING
+    }
+    assert [_untimed(r) for r in _rows(logs / "resumed")] == [_untimed(r) for r in _rows(full_run)]
+
+
+def _write_csv(folder: Path) -> Path:
+    from PIL import Image
+
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    lines = ["filepath\ttitle"]
+    for i in range(12):
+        name = list(colors)[i % 3]
+        pixels = np.full((12, 12, 3), colors[name], dtype=np.uint8)
+        pixels[i % 12, :, :] = 255  # a white line, so images of one colour differ
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        lines.append(f"img{i}.png\ta {name} square with a line")
+    (folder / "garbage.png").write_bytes(b"this is not an image")
+    lines.append("missing.png\ta picture that is not there")
+    lines.append("garbage.png\tan unreadable file")
+    lines.append("img0.png\t   ")
+    path = folder / "pairs.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_csv_data_skips_bad_rows(tmp_path, capsys):
+    tsv = _write_csv(tmp_path)
+    argv = ["--train-data", str(tsv), "--val-data", str(tsv), "--logs", str(tmp_path)]
+    argv += ["--nproc", "1", "--epochs", "2", "--batch-size", "4", "--image-size", "16"]
+    argv += ["--no-progress", "--max-bad-fraction", "0.25"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "skipped 3 of 15 train rows" in err
+    assert "1 missing file" in err and "1 unreadable image" in err and "1 empty caption" in err
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["data"]["train"]["bad_rows"] == 3 and results["data"]["train_size"] == 12
+    assert results["zero_shot_top1"] is None and 0 <= results["image_to_text_r1"] <= 1
+    assert results["world_size"] == 1
+
+    # 3 bad rows of 15 (20 %) exceed the default threshold of 10 %: a clear stop.
+    assert main(argv[:-2]) == 2
+    err = capsys.readouterr().err
+    assert "3 of 15 rows are bad (20.0%), above --max-bad-fraction 0.1" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "--epochs: must be a positive integer"),
+        (["--batch-size", "many"], "--batch-size: invalid"),
+        (["--precision", "fp8"], "--precision: invalid choice"),
+        (["--backend", "fast"], "--backend: invalid choice"),
+        (["--backend", "fused"], "--backend fused needs CUDA ranks"),
+        (["--train-data", "/nonexistent/pairs.tsv"], "no such file"),
+        (["--val-data", "x.tsv"], "--val-data needs --train-data"),
+        (["--csv-separator", "ab"], "must be one character"),
+        (["--max-bad-fraction", "1.5"], "must be in [0, 1)"),
+        (["--text-width", "30", "--text-heads", "4"], "must be divisible"),
+        (["--lr", "nan"], "--lr: must be a positive number"),
+        (["--unknown-flag"], "unrecognized arguments"),
+    ],
+)
+def test_bad_flags(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_and_bad_csv_header(tmp_path, capsys):
+    assert main(["--logs", str(tmp_path), "--name", "none", "--resume"]) == 2
+    assert "--resume: no checkpoint at" in capsys.readouterr().err
+    tsv = tmp_path / "wrong.tsv"
+    tsv.write_text("path\tcaption\nimg.png\ta thing\n")
+    assert main(["--train-data", str(tsv), "--logs", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'filepath', 'title' not found" in err and "--csv-img-key" in err
+
+
+def test_error_in_a_rank_is_reported(capsys):
+    # What torch.multiprocessing.spawn raises in the parent when rank 1 raises
+    # (spawning real processes for this would cost seconds; the e2e tests spawn).
+    import torch.multiprocessing as mp
+
+    child_tb = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: boom\n'
+    exc = mp.ProcessRaisedException(f"\n\n-- Process 1 terminated with:\n{child_tb}", 1, 99)
+    report_rank_failure(exc)
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().endswith("rank 1 failed: ValueError: boom")
+
+    msg = "\n\n-- Process 0 terminated with:\npalmtree.train.data.TrainError: bad image x.png\n"
+    report_rank_failure(mp.ProcessRaisedException(msg, 0, 98))
+    assert capsys.readouterr().err == "palmtree train: rank 0 failed: bad image x.png\n"
+
+    report_rank_failure(mp.ProcessExitedException("killed", 1, 97, -9, "SIGKILL"))
+    assert "rank 1 died (signal SIGKILL)" in capsys.readouterr().err
+
+
+def test_sampler_splits_global_batches_without_padding():
+    n, bs, world = 23, 4, 3  # global batch 12: the second one holds 11 -> sizes 4, 4, 3
+    per_rank = []
+    for rank in range(world):
+        sampler = GlobalBatchSampler(n, bs, rank, world, seed=5)
+        sampler.set_epoch(2)
+        per_rank.append(list(sampler))
+    assert [len(b) for b in per_rank] == [2, 2, 2]
+    assert [len(b[1]) for b in per_rank] == [4, 4, 3]
+    flat = sorted(i for batches in per_rank for batch in batches for i in batch)
+    assert flat == list(range(n))
+    # Another epoch, another order; the same epoch, the same order; start_step skips.
+    sampler = GlobalBatchSampler(2, bs, 2, world, seed=5)
+    assert list(sampler) == [[]]  # a rank can get nothing at all
+    sampler = GlobalBatchSampler(n, bs, 0, world, seed=5)
+    sampler.set_epoch(2, start_step=1)
+    assert list(sampler) == per_rank[0][1:]
+
+
+def test_digit_captions_and_split():
+    train, held_out = class_captions(TRAIN_TEMPLATES), class_captions(EVAL_TEMPLATES)
+    assert "a handwritten seven" in train[7] and "an image of an eight" in train[8]
+    assert not set(map(tuple, train)) & set(map(tuple, held_out))
+    tok = WordTokenizer.build([c for caps in train for c in caps])
+    lengths = {len(tok.encode(c)) for caps in train for c in caps}
+    assert min(lengths) == 1 and max(lengths) >= 8  # real padding in every batch
+    labels = np.repeat(np.arange(10), 20)
+    tr, te = stratified_split(labels, 0.25)
+    assert np.bincount(labels[te]).tolist() == [5] * 10 and not set(tr) & set(te)
