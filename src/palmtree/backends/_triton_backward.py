@@ -1,0 +1,221 @@
+"""Backward kernel: recompute ``S`` tiles and turn them into gradients, never storing them.
+
+The gradient tile is symmetric in its two sides. With the *own* side the one a program
+accumulates a gradient for and the *other* side the one it streams,
+
+    G[x, y] = own_coef[x] exp(S[x, y] - own_shift[x]) + other_coef[y] exp(S[x, y] - other_shift[y])
+              - [y == x + pos_shift] * pos_weight[x + pos_w_shift]
+
+so one kernel serves the rows (own = ``U``) and the columns (own = ``V``, the tile being
+``S^T``). A program owns ``BLOCK_OWN`` rows of its side and a range of the other side's
+tiles; for each tile it recomputes ``S`` (one product, in the forward's ``D`` chunks so
+the tile is the forward's), builds ``G`` with the positives folded in and adds
+``G @ other`` to a ``BLOCK_OWN x D`` fp32 accumulator in registers (one product).
+Programs that split the other side write separate partials the host sums, so the
+result does not depend on scheduling. Optionally (``OTHER_GRAD``) the same program adds
+``G^T @ own`` to the other side's gradient with fp32 atomics (one more product, in
+``DV_BLOCK_K`` chunks of ``D``), which saves the second launch's recompute but makes
+that gradient's summation order depend on scheduling.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import interpreting, mma, round_operand
+
+
+@triton.jit
+def _grad_kernel(
+    OWN,
+    OTHER,
+    SCALE,
+    OWN_SHIFT,
+    OWN_COEF,
+    OTHER_SHIFT,
+    OTHER_COEF,
+    POS_WEIGHT,
+    D_OWN,
+    D_OTHER,
+    DSCALE,
+    n_own,
+    n_other,
+    D,
+    n_pos,
+    pos_shift,
+    pos_w_shift,
+    stride_own,
+    stride_other,
+    tiles_per_split,
+    BLOCK_OWN: tl.constexpr,
+    BLOCK_OTHER: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    S_BLOCK_K: tl.constexpr,
+    DV_BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    OTHER_GRAD: tl.constexpr,
+    WITH_DSCALE: tl.constexpr,
+):
+    pid_o = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    own = pid_o * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
+    own_ok = own < n_own
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    scale = tl.load(SCALE)
+    own_rows = OWN + own.to(tl.int64)[:, None] * stride_own
+    if (S_BLOCK_K >= BLOCK_D) or (OTHER_GRAD and (DV_BLOCK_K >= BLOCK_D)):
+        x = tl.load(own_rows + dims[None, :], mask=own_ok[:, None] & dim_ok[None, :], other=0.0)
+    o_shift = tl.load(OWN_SHIFT + own, mask=own_ok, other=float("inf"))
+    o_coef = tl.load(OWN_COEF + own, mask=own_ok, other=0.0)
+    pos_at = own + pos_w_shift
+    pos_w = tl.load(POS_WEIGHT + pos_at, mask=own_ok & (pos_at >= 0) & (pos_at < n_pos), other=0.0)
+
+    d_own = tl.zeros((BLOCK_OWN, BLOCK_D), tl.float32)
+    ds = tl.zeros((BLOCK_OWN,), tl.float32)
+    t_begin = pid_s * tiles_per_split * BLOCK_OTHER
+    t_end = tl.minimum(t_begin + tiles_per_split * BLOCK_OTHER, n_other)
+    for start in range(t_begin, t_end, BLOCK_OTHER):
+        oth = start + tl.arange(0, BLOCK_OTHER)
+        oth_ok = oth < n_other
+        oth_rows = OTHER + oth.to(tl.int64)[:, None] * stride_other
+        y = tl.load(oth_rows + dims[None, :], mask=oth_ok[:, None] & dim_ok[None, :], other=0.0)
+        dot = tl.zeros((BLOCK_OWN, BLOCK_OTHER), tl.float32)
+        if S_BLOCK_K >= BLOCK_D:
+            dot = mma(x, tl.trans(y), dot, PRECISION, INTERPRET)
+        else:
+            for k in range(0, D, S_BLOCK_K):
+                kk = k + tl.arange(0, S_BLOCK_K)
+                k_ok = kk < D
+                a = tl.load(own_rows + kk[None, :], mask=own_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(oth_rows + kk[None, :], mask=oth_ok[:, None] & k_ok[None, :], other=0.0)
+                dot = mma(a, tl.trans(b), dot, PRECISION, INTERPRET)
+        # Padding logits are -inf, so no exp overflows there and their G is exactly 0.
+        ok = own_ok[:, None] & oth_ok[None, :]
+        s = tl.where(ok, dot * scale, float("-inf"))
+        t_shift = tl.load(OTHER_SHIFT + oth, mask=oth_ok, other=float("inf"))
+        t_coef = tl.load(OTHER_COEF + oth, mask=oth_ok, other=0.0)
+        g = o_coef[:, None] * tl.exp(s - o_shift[:, None])
+        g += t_coef[None, :] * tl.exp(s - t_shift[None, :])
+        positive = oth[None, :] == own[:, None] + pos_shift
+        g = tl.where(positive, g - pos_w[:, None], g)
+        if WITH_DSCALE:
+            # sum(G * S) / scale == sum(G * (U V^T)): no division.
+            ds += tl.sum(g * dot, axis=1)
+
+        gq = round_operand(g, PRECISION)
+        d_own = mma(gq, y, d_own, PRECISION, INTERPRET)
+        if OTHER_GRAD:
+            gq_t = tl.trans(gq)
+            d_oth_rows = D_OTHER + oth.to(tl.int64)[:, None] * D
+            if DV_BLOCK_K >= BLOCK_D:
+                part = mma(
+                    gq_t, x, tl.zeros((BLOCK_OTHER, BLOCK_D), tl.float32), PRECISION, INTERPRET
+                )
+                tl.atomic_add(
+                    d_oth_rows + dims[None, :],
+                    part * scale,
+                    mask=oth_ok[:, None] & dim_ok[None, :],
+                    sem="relaxed",
+                )
+            else:
+                for k in range(0, D, DV_BLOCK_K):
+                    kk = k + tl.arange(0, DV_BLOCK_K)
+                    k_ok = kk < D
+                    xk = tl.load(
+                        own_rows + kk[None, :], mask=own_ok[:, None] & k_ok[None, :], other=0.0
+                    )
+                    part = mma(
+                        gq_t,
+                        xk,
+                        tl.zeros((BLOCK_OTHER, DV_BLOCK_K), tl.float32),
+                        PRECISION,
+                        INTERPRET,
+                    )
+                    tl.atomic_add(
+                        d_oth_rows + kk[None, :],
+                        part * scale,
+                        mask=oth_ok[:, None] & k_ok[None, :],
+                        sem="relaxed",
+                    )
+
+    # D_OWN is [splits, n_own, D]: each split writes its own partial.
+    split_base = pid_s.to(tl.int64) * n_own * D
+    tl.store(
+        D_OWN + split_base + own.to(tl.int64)[:, None] * D + dims[None, :],
+        d_own * scale,
+        mask=own_ok[:, None] & dim_ok[None, :],
+    )
+    if WITH_DSCALE:
+        tl.store(DSCALE + pid_o * tl.num_programs(1) + pid_s, tl.sum(ds, axis=0))
+
+
+def _own_grad(
+    own, other, scale, own_stats, other_stats, pos, precision, plan, d_other=None, with_dscale=False
+):
+    """``scale * G @ other`` for every row of ``own`` (and optionally the atomic other side).
+
+    ``pos = (weights, pos_shift, pos_w_shift)``: own row ``x``'s positive is other row
+    ``x + pos_shift`` with weight ``weights[x + pos_w_shift]``.
+    """
+    pos_weight, pos_shift, pos_w_shift = pos
+    n_own, dim = own.shape
+    n_other = other.shape[0]
+    f32 = dict(dtype=torch.float32, device=own.device)
+    b_own, b_other = plan.bwd_block_m, plan.bwd_block_n
+    blocks = triton.cdiv(n_own, b_own)
+    n_split, tiles_per_split = plan.splits(blocks, triton.cdiv(n_other, b_other))
+    partials = torch.empty(n_split, n_own, dim, **f32)
+    dscale = torch.empty(blocks * n_split if with_dscale else 1, **f32)
+    _grad_kernel[(blocks, n_split)](
+        own,
+        other,
+        scale,
+        *own_stats,
+        *other_stats,
+        pos_weight,
+        partials,
+        d_other if d_other is not None else partials,
+        dscale,
+        n_own,
+        n_other,
+        dim,
+        pos_weight.shape[0],
+        pos_shift,
+        pos_w_shift,
+        own.stride(0),
+        other.stride(0),
+        tiles_per_split,
+        BLOCK_OWN=b_own,
+        BLOCK_OTHER=b_other,
+        BLOCK_D=plan.block_d,
+        S_BLOCK_K=min(plan.block_k, plan.block_d),
+        DV_BLOCK_K=min(plan.bwd_block_k, plan.block_d),
+        PRECISION=precision,
+        INTERPRET=interpreting(),
+        OTHER_GRAD=d_other is not None,
+        WITH_DSCALE=with_dscale,
+        num_warps=plan.bwd_num_warps,
+        num_stages=plan.bwd_num_stages,
+    )
+    grad = partials[0] if n_split == 1 else partials.sum(0)
+    return grad, (dscale.sum() if with_dscale else None)
+
+
+def backward_grads(
+    uq, vq, scale, offset, precision, plan, row_shift, row_coef, col_shift, col_coef, pos_weight
+):
+    """``(dU, dV_partial, dscale)`` of the base.py contract for rounded operands ``uq, vq``."""
+    rows, cols = (row_shift, row_coef), (col_shift, col_coef)
+    # Row i's positive is column offset + i; column j's is row j - offset (weights by row).
+    row_pos, col_pos = (pos_weight, offset, 0), (pos_weight, -offset, -offset)
+    if plan.bwd_mode == "atomic":
+        dv = torch.zeros(vq.shape, dtype=torch.float32, device=vq.device)
+        du, dscale = _own_grad(uq, vq, scale, rows, cols, row_pos, precision, plan, dv, True)
+        return du, dv, dscale
+    du, dscale = _own_grad(uq, vq, scale, rows, cols, row_pos, precision, plan, with_dscale=True)
+    dv, _ = _own_grad(vq, uq, scale, cols, rows, col_pos, precision, plan)
+    return du, dv, dscale
