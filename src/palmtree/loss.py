@@ -238,14 +238,15 @@ def _clip_loss(
             raise ClipLossInputError("the global batch is empty: every rank passed 0 pairs")
 
         scale = capped_scale(logit_scale, logit_scale_max, scale_cap)
-        u, v = image_features.float(), text_features.float()
-        if normalize:
-            u, v = F.normalize(u, dim=-1, eps=NORM_EPS), F.normalize(v, dim=-1, eps=NORM_EPS)
         if name == "reference":
+            u, v = image_features.float(), text_features.float()
+            if normalize:
+                u = F.normalize(u, dim=-1, eps=NORM_EPS)
+                v = F.normalize(v, dim=-1, eps=NORM_EPS)
             loss, sums = reference_loss(u, v, scale, layout, mode)
         else:
-            opts = PassOptions(get_kernels(name), layout, mode, chunk_size)
-            loss, sums = SinglePassLoss.apply(u.contiguous(), v.contiguous(), scale, opts)
+            opts = PassOptions(get_kernels(name), layout, mode, chunk_size, normalize, NORM_EPS)
+            loss, sums = SinglePassLoss.apply(image_features, text_features, scale, opts)
     return _output(loss, sums, scale, layout)
 
 

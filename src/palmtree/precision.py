@@ -59,9 +59,13 @@ def cast_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _cuda_tf32(enabled: bool):
+def fp32_matmul_mode(precision: str, device: torch.device):
+    """Within the block, fp32 CUDA matmuls use TF32 exactly when ``precision == "tf32"``."""
+    if device.type != "cuda":
+        yield
+        return
     old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
         yield
     finally:
@@ -88,7 +92,5 @@ def mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     """``a @ b`` in fp32 for operands already passed through :func:`cast_operand`."""
     if a.dtype == torch.bfloat16:
         return torch.mm(a, b, out_dtype=torch.float32)
-    if a.is_cuda:
-        with _cuda_tf32(precision == "tf32"):
-            return torch.mm(a, b)
-    return torch.mm(a, b)
+    with fp32_matmul_mode(precision, a.device):
+        return torch.mm(a, b)

@@ -34,6 +34,32 @@ class PassOptions:
     layout: Layout
     precision: str
     chunk_size: int | None
+    normalize: bool = True
+    eps: float = 1e-6
+
+
+def unit_rows(x: torch.Tensor, normalize: bool, eps: float):
+    """fp32 ``x / max(||x||, eps)`` row-wise, and the clamped norms (``None`` if not normalising).
+
+    Done here rather than by autograd so that the backward can work in place on the
+    gradient buffers: at large ``B`` the ``B x D`` temporaries of autograd's
+    normalisation backward were a large part of the peak memory.
+    """
+    x = x.float()
+    if not normalize:
+        return x.contiguous(), None
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(eps)
+    return (x / norm).contiguous(), norm
+
+
+def unit_rows_backward(grad: torch.Tensor, u: torch.Tensor, norm, eps: float) -> torch.Tensor:
+    """Gradient w.r.t. the raw rows, computed in place in ``grad`` (fp32)."""
+    if norm is None or grad.numel() == 0:
+        return grad
+    # d(x/|x|) = (g - u <u, g>) / |x|; below eps the norm is a constant and only g / eps stays.
+    dot = torch.bmm(u.unsqueeze(1), grad.unsqueeze(2)).squeeze(2)
+    dot.mul_(norm > eps)
+    return grad.addcmul_(u, dot, value=-1).div_(norm)
 
 
 def complete_columns(
@@ -48,11 +74,17 @@ def complete_columns(
 
 
 class SinglePassLoss(torch.autograd.Function):
-    """``(U_r, V_r, s) -> (N * share_r, global metric sums)``; see the module docstring."""
+    """``(images_r, texts_r, s) -> (N * share_r, global metric sums)``.
+
+    The rows are L2-normalised in fp32 here (``opts.normalize``); see the module docstring.
+    """
 
     @staticmethod
-    def forward(ctx, u, v, scale, opts: PassOptions):
+    def forward(ctx, image, text, scale, opts: PassOptions):
         layout = opts.layout
+        ctx.dtypes = image.dtype, text.dtype
+        u, u_norm = unit_rows(image, opts.normalize, opts.eps)
+        v, v_norm = unit_rows(text, opts.normalize, opts.eps)
         o, b, big = layout.offset, layout.b_local, layout.b_global
         v_all = gather_rows(v, layout)
         stats = opts.kernels.forward(u, v_all, scale, o, opts.precision, opts.chunk_size)
@@ -73,7 +105,9 @@ class SinglePassLoss(torch.autograd.Function):
         all_reduce_(sums, layout)
 
         ctx.opts = opts
-        ctx.save_for_backward(u, v_all, scale, stats.row_max, stats.row_sum, col_max, col_sum)
+        ctx.save_for_backward(
+            u, v_all, scale, stats.row_max, stats.row_sum, col_max, col_sum, u_norm, v_norm
+        )
         ctx.mark_non_differentiable(sums)
         return layout.world_size * share, sums
 
@@ -88,7 +122,7 @@ class SinglePassLoss(torch.autograd.Function):
     def _backward(ctx, grad_loss):
         opts = ctx.opts
         layout = opts.layout
-        u, v_all, scale, row_max, row_sum, col_max, col_sum = ctx.saved_tensors
+        u, v_all, scale, row_max, row_sum, col_max, col_sum, u_norm, v_norm = ctx.saved_tensors
         # Each rank's share is weighted by its own upstream gradient (loss weights,
         # accumulation): gather them so every rank can weight every column.
         upstream = all_gather_scalar(grad_loss.detach().float(), layout)
@@ -110,4 +144,7 @@ class SinglePassLoss(torch.autograd.Function):
             w_row + w_col[o : o + b],
         )
         dv = reduce_scatter_rows(dv_partial, layout)
-        return du, dv, dscale.reshape(scale.shape), None
+        du = unit_rows_backward(du, u, u_norm, opts.eps)
+        dv = unit_rows_backward(dv, v_all[o : o + b], v_norm, opts.eps)
+        image_dtype, text_dtype = ctx.dtypes
+        return du.to(image_dtype), dv.to(text_dtype), dscale.reshape(scale.shape), None

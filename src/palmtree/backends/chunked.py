@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ..precision import cast_operand, mm
+from ..precision import cast_operand, fp32_matmul_mode, mm
 from .base import ForwardStats
 
-#: Bytes of ``b x chunk`` fp32 temporaries the backward keeps alive at once, roughly.
-_BYTES_PER_LOGIT = 4 * 5
-_DEFAULT_BUDGET = {"cpu": 64 << 20, "cuda": 1 << 30}
+#: Bytes of ``b x chunk`` temporaries alive at once: the backward's three fp32 buffers
+#: (logits, gradient, scratch) and a rounded copy of the gradient in tf32/bf16 modes.
+_BYTES_PER_LOGIT = 4 * 4
+_DEFAULT_BUDGET = {"cpu": 32 << 20, "cuda": 1 << 30}
 
 
 def auto_chunk_size(b: int, big: int, device: torch.device, budget: int | None = None) -> int:
@@ -25,6 +26,13 @@ def auto_chunk_size(b: int, big: int, device: torch.device, budget: int | None =
     cols = budget // (_BYTES_PER_LOGIT * max(b, 1))
     cols = max(128, (cols // 128) * 128)
     return max(1, min(cols, big))
+
+
+def _buffer(buf: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A scratch tensor shaped like ``like``, reused across chunks (the last one is smaller)."""
+    if buf is None or buf.numel() < like.numel():
+        return torch.empty_like(like)
+    return buf.view(-1)[: like.numel()].view(like.shape)
 
 
 def _diag_slice(offset: int, b: int, c0: int, c1: int, device):
@@ -52,18 +60,19 @@ class ChunkedKernels:
         row_max = torch.full((b,), -torch.inf, **f32)
         row_sum = torch.zeros(b, **f32)
         diag = torch.empty(b, **f32)
+        scratch = None
         for c0 in range(0, big, chunk):
             c1 = min(c0 + chunk, big)
             s = mm(uq, cast_operand(v[c0:c1], precision).T, precision).mul_(scale)
+            scratch = _buffer(scratch, s)
             # Columns: complete over the local rows within this one chunk.
             cmax = s.amax(0)
             col_max[c0:c1] = cmax
-            col_sum[c0:c1] = torch.exp(s - cmax).sum(0)
+            col_sum[c0:c1] = torch.sub(s, cmax, out=scratch).exp_().sum(0)
             # Rows: online rescaling across chunks.
             new_max = torch.maximum(row_max, s.amax(1))
-            row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(s - new_max[:, None]).sum(
-                1
-            )
+            rescale = torch.exp(row_max - new_max)
+            row_sum = row_sum * rescale + torch.sub(s, new_max[:, None], out=scratch).exp_().sum(1)
             row_max = new_max
             where = _diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
@@ -92,17 +101,25 @@ class ChunkedKernels:
             return du, dv, dscale
         chunk = chunk_size or auto_chunk_size(b, big, u.device)
         uq = cast_operand(u, precision)
+        g = scratch = None
         for c0 in range(0, big, chunk):
             c1 = min(c0 + chunk, big)
             vq = cast_operand(v[c0:c1], precision)
             s = mm(uq, vq.T, precision).mul_(scale)
-            g = torch.exp(s - row_shift[:, None]).mul_(row_coef[:, None])
-            g += torch.exp(s - col_shift[None, c0:c1]).mul_(col_coef[None, c0:c1])
+            g, scratch = _buffer(g, s), _buffer(scratch, s)
+            torch.sub(s, row_shift[:, None], out=g).exp_().mul_(row_coef[:, None])
+            torch.sub(s, col_shift[None, c0:c1], out=scratch).exp_()
+            g.addcmul_(scratch, col_coef[None, c0:c1])
             where = _diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
                 g[where[0], where[1]] -= pos_weight[where[0]]
-            dscale += (g * s).sum()
+            dscale += torch.mul(g, s, out=scratch).sum()
             gq = cast_operand(g, precision)
-            du += mm(gq, vq, precision)
-            dv[c0:c1] = mm(gq.T, uq, precision)
+            if gq.dtype == torch.float32:  # accumulate in place: no b x D temporary per chunk
+                with fp32_matmul_mode(precision, u.device):
+                    du.addmm_(gq, vq)
+                    torch.mm(gq.T, uq, out=dv[c0:c1])
+            else:
+                du += mm(gq, vq, precision)
+                dv[c0:c1] = mm(gq.T, uq, precision)
         return du.mul_(scale), dv.mul_(scale), dscale / scale
