@@ -4,15 +4,19 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
+# Peers the tests and the benchmark compare against. --no-deps: open_clip's own
+# requirements (torchvision, timm) would pull another torch; only its loss.py is used.
+PEERS := open-clip-torch==3.3.0
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test lint format demo bench verify clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(PEERS)
 	touch $(STAMP)
 
 setup: $(STAMP)

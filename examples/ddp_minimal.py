@@ -1,0 +1,101 @@
+"""A minimal DDP training loop with palmtree's exact CLIP loss.
+
+    torchrun --nproc-per-node 2 examples/ddp_minimal.py --steps 50   # gloo on CPU, NCCL on GPUs
+    python examples/ddp_minimal.py --steps 50                        # one process
+
+Two tiny towers learn to align synthetic (image, text) pairs. The palmtree lines are
+marked ``# palmtree``: the loss module sits inside the DDP-wrapped model, so its
+temperature is averaged like every other parameter, and each rank backpropagates
+``out.loss``. After DDP's gradient average every parameter holds the gradient of the
+loss on the whole global batch, even though the ranks hold different numbers of pairs
+here (each rank r > 0 gets r fewer, to show it). Log ``out.loss_global``: it is the
+global loss, the same on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import palmtree  # palmtree
+
+CONCEPTS, PIXELS, VOCAB, LENGTH = 64, 24, 100, 6
+
+
+class TwoTowers(nn.Module):
+    """An MLP over "pixels" and token embeddings; ClipLoss projects and pools them."""
+
+    def __init__(self, width: int = 32, embed_dim: int = 16):
+        super().__init__()
+        self.image = nn.Sequential(nn.Linear(PIXELS, 64), nn.GELU(), nn.Linear(64, width))
+        self.tokens = nn.Embedding(VOCAB, width)
+        self.loss = palmtree.ClipLoss(width, width, embed_dim)  # palmtree
+
+    def forward(self, pixels, tokens, mask):
+        # Token latents [b, L, D] and their padding mask: the loss pools them (fp32).
+        return self.loss(self.image(pixels), self.tokens(tokens), text_mask=mask)  # palmtree
+
+
+def synthetic_batch(size: int, step: int, rank: int, device):
+    """Pairs that share a hidden concept: a noisy image of it and a padded caption of it."""
+    world = torch.Generator().manual_seed(0)  # the same concepts on every rank
+    image_of = torch.randn(CONCEPTS, PIXELS, generator=world)
+    caption_of = torch.randint(1, VOCAB, (CONCEPTS, LENGTH), generator=world)
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    concept = torch.randint(0, CONCEPTS, (size,), generator=g)
+    pixels = image_of[concept] + 0.3 * torch.randn(size, PIXELS, generator=g)
+    lengths = torch.randint(2, LENGTH + 1, (size,), generator=g)
+    mask = (torch.arange(LENGTH)[None, :] < lengths[:, None]).long()
+    tokens = caption_of[concept] * mask
+    return pixels.to(device), tokens.to(device), mask.to(device)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=32, help="pairs per rank (rank r gets r fewer)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    args = p.parse_args(argv)
+
+    launched = "RANK" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if launched:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if launched else 0
+
+    torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts them)
+    model = TwoTowers().to(device)
+    if launched:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+
+    for step in range(1, args.steps + 1):
+        pixels, tokens, mask = synthetic_batch(args.batch - rank, step, rank, device)
+        out = model(pixels, tokens, mask)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()  # palmtree: each rank's share; DDP's average makes it exact
+        opt.step()
+        if rank == 0 and (step % 10 == 0 or step in (1, args.steps)):
+            m = out.metrics()
+            print(
+                f"step {step:4d}/{args.steps}  loss {m['loss']:.4f}  acc i2t {m['acc_i2t']:.3f} "
+                f"t2i {m['acc_t2i']:.3f}  scale {m['logit_scale']:.2f}  "
+                f"global batch {m['b_global']}",
+                flush=True,
+            )
+    if launched:
+        dist.barrier()  # no rank tears the group down while another still talks to it
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
