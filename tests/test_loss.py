@@ -22,6 +22,7 @@ def run(img, txt, log_scale=LOG_10, **kw):
     ls = torch.tensor(float(log_scale), requires_grad=True)
     out = clip_loss(i, t, ls, **kw)
     out.loss.backward()
+    out.loss = out.loss.detach()
     return out, i.grad, t.grad, ls.grad
 
 
