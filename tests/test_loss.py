@@ -193,7 +193,7 @@ def test_normalize_false_takes_features_as_given():
 def test_clip_loss_module_projects_and_learns_the_scale():
     loss_fn = ClipLoss(image_dim=10, text_dim=7, embed_dim=8)
     assert loss_fn.image_proj is not None and loss_fn.text_proj is not None
-    assert float(loss_fn.logit_scale) == pytest.approx(math.log(1 / 0.07))
+    assert loss_fn.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     tokens = torch.randn(6, 4, 7)
     out = loss_fn(torch.randn(6, 10), tokens, text_mask=torch.ones(6, 4))
     out.loss.backward()
