@@ -58,6 +58,20 @@ class ForwardStats:
     def row_lse(self) -> torch.Tensor:
         return self.row_max + torch.log(self.row_sum)
 
+    @classmethod
+    def empty(cls, big: int, device: torch.device) -> ForwardStats:
+        """The statistics of a rank with no rows: ``(-inf, 0)`` column partials."""
+        f32 = dict(dtype=torch.float32, device=device)
+        none = torch.empty(0, **f32)
+        col_max = torch.full((big,), -torch.inf, **f32)
+        return cls(none, none, col_max, torch.zeros(big, **f32), none)
+
+
+def zero_grads(u: torch.Tensor, v: torch.Tensor):
+    """``(dU, dV_partial, dscale)`` of a rank with no rows (or as accumulators): zeros."""
+    f32 = dict(dtype=torch.float32, device=u.device)
+    return torch.zeros(u.shape, **f32), torch.zeros(v.shape, **f32), torch.zeros((), **f32)
+
 
 class Kernels(Protocol):
     """What a single-pass backend implements. See the module docstring for the math."""

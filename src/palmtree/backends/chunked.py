@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..precision import cast_operand, fp32_matmul_mode, mm
-from .base import ForwardStats
+from .base import ForwardStats, zero_grads
 
 #: Bytes of ``b x chunk`` temporaries alive at once: the backward's three fp32 buffers
 #: (logits, gradient, scratch) and a rounded copy of the gradient in tf32/bf16 modes.
@@ -49,12 +49,11 @@ class ChunkedKernels:
 
     def forward(self, u, v, scale, offset, precision, chunk_size) -> ForwardStats:
         b, big = u.shape[0], v.shape[0]
-        f32 = dict(dtype=torch.float32, device=u.device)
-        col_max = torch.full((big,), -torch.inf, **f32)
-        col_sum = torch.zeros(big, **f32)
+        stats = ForwardStats.empty(big, u.device)  # column partials are filled in below
         if b == 0:
-            empty = torch.empty(0, **f32)
-            return ForwardStats(empty, empty, col_max, col_sum, empty)
+            return stats
+        col_max, col_sum = stats.col_max, stats.col_sum
+        f32 = dict(dtype=torch.float32, device=u.device)
         chunk = chunk_size or auto_chunk_size(b, big, u.device)
         uq = cast_operand(u, precision)
         row_max = torch.full((b,), -torch.inf, **f32)
@@ -94,9 +93,7 @@ class ChunkedKernels:
         pos_weight,
     ):
         b, big = u.shape[0], v.shape[0]
-        du = torch.zeros_like(u, dtype=torch.float32)
-        dv = torch.zeros_like(v, dtype=torch.float32)
-        dscale = torch.zeros((), dtype=torch.float32, device=u.device)
+        du, dv, dscale = zero_grads(u, v)
         if b == 0:
             return du, dv, dscale
         chunk = chunk_size or auto_chunk_size(b, big, u.device)

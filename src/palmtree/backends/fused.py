@@ -53,7 +53,7 @@ import os
 import torch
 
 from ..precision import round_to_tf32
-from .base import PRECISIONS, ForwardStats
+from .base import PRECISIONS, ForwardStats, zero_grads
 
 BWD_MODES = ("two_kernels", "atomic")
 
@@ -207,17 +207,8 @@ class FusedKernels:
     def forward(self, u, v, scale, offset, precision, chunk_size) -> ForwardStats:
         _check(u, v, scale, offset, precision)
         b, big = u.shape[0], v.shape[0]
-        f32 = dict(dtype=torch.float32, device=u.device)
         if b == 0:
-            empty = torch.empty(0, **f32)
-            col_max = torch.full((big,), -torch.inf, **f32)
-            return ForwardStats(
-                row_max=empty,
-                row_sum=empty,
-                col_max=col_max,
-                col_sum=torch.zeros(big, **f32),
-                diag=empty,
-            )
+            return ForwardStats.empty(big, u.device)
         from ._triton_forward import forward_stats
 
         row_max, row_sum, col_max, col_sum, diag = forward_stats(
@@ -247,11 +238,8 @@ class FusedKernels:
         pos_weight,
     ):
         _check(u, v, scale, offset, precision)
-        b, big = u.shape[0], v.shape[0]
-        if b == 0:
-            f32 = dict(dtype=torch.float32, device=u.device)
-            zeros = torch.zeros(0, u.shape[1], **f32), torch.zeros(big, v.shape[1], **f32)
-            return *zeros, torch.zeros((), **f32)
+        if u.shape[0] == 0:
+            return zero_grads(u, v)
         from ._triton_backward import backward_grads
 
         return backward_grads(
