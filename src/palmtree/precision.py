@@ -43,7 +43,7 @@ def resolve_precision(precision: str | None) -> str:
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     """Rounds fp32 values to the nearest TF32 value (10 explicit mantissa bits)."""
     bits = x.contiguous().view(torch.int32)
-    # Round half away from zero on the 13 dropped mantissa bits, as the tensor cores do.
+    # Round to nearest (ties away from zero) on the 13 dropped mantissa bits.
     bits = (bits + (1 << 12)) & ~((1 << 13) - 1)
     return bits.view(torch.float32)
 
