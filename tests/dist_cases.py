@@ -28,6 +28,20 @@ def loss_and_grads(rank, n, backend, precision, sizes, weights, dim, seed, log_s
     }
 
 
+def subgroup_loss(rank, n, backend, sizes):
+    """Ranks {0, 1} and {2, 3} each form a group: negatives come only from one's group."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = rank // 2
+    first = 2 * mine
+    img, txt = make_batch(sum(sizes[first : first + 2]), 8, seed=11 + mine)
+    o = sum(sizes[first:rank])
+    i = img[o : o + sizes[rank]].clone().requires_grad_()
+    t = txt[o : o + sizes[rank]].clone().requires_grad_()
+    out = palmtree.clip_loss(i, t, torch.tensor(2.0), group=groups[mine], backend=backend)
+    out.loss.backward()
+    return {"metrics": out.metrics(), "d_img": i.grad, "d_txt": t.grad}
+
+
 def raises_on_bad_input(rank, n, bad_rank, kind, backend):
     """Rank ``bad_rank`` passes a bad input of the given kind; the rest pass good ones."""
     img, txt = make_batch(4 * n, 8, seed=3)

@@ -17,6 +17,7 @@ from dist_cases import (
     empty_world,
     loss_and_grads,
     raises_on_bad_input,
+    subgroup_loss,
     tower_batch,
 )
 from oracle import LOG_10, assert_close_to_truth, make_batch, truth
@@ -93,6 +94,24 @@ def test_scale_above_the_cap(world, backend, noise):
     for r in results:
         assert r["metrics"]["logit_scale"] == pytest.approx(100.0)
         assert float(r["d_scale"]) == 0.0  # clamp: no gradient above the cap
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_limits_the_negatives(world, backend):
+    if world.size != 4:
+        pytest.skip("two groups of two ranks")
+    sizes = [3, 5, 4, 0]
+    results = world.run(subgroup_loss, backend, sizes)
+    for mine in (0, 1):
+        part = sizes[2 * mine : 2 * mine + 2]
+        img, txt = make_batch(sum(part), 8, seed=11 + mine)
+        exact = truth(img, txt, 2.0, part)
+        ranks = results[2 * mine : 2 * mine + 2]
+        for r in ranks:
+            assert r["metrics"]["b_global"] == sum(part)
+            assert r["metrics"]["loss"] == pytest.approx(float(exact["loss"]), rel=1e-5)
+        d_img = torch.cat([r["d_img"] for r in ranks])
+        torch.testing.assert_close(d_img, 2 * exact["d_img"].float(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["nan", "dim", "dtype", "local_dim", "empty_mask"])
