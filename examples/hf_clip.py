@@ -136,4 +136,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    # With transformers loaded, torch's gloo process group can deadlock at interpreter
+    # exit: DDP's reducer frees the group while holding the GIL and joins the gloo thread,
+    # which waits for the GIL to free the last collective's Python state. Everything is
+    # finished and torn down by now, so leave without running the interpreter's teardown.
+    os._exit(code)
