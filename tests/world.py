@@ -9,11 +9,12 @@ per-rank results (or the exception each rank raised) come back to the test.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from dataclasses import dataclass
 
 import torch.multiprocessing as mp
+
+from palmtree.distributed import free_port
 
 
 @dataclass
@@ -23,12 +24,6 @@ class Raised:
     type: str
     message: str
     traceback: str
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, tasks, results):

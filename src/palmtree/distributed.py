@@ -8,6 +8,7 @@ to the largest rank for the fixed-size collectives and unpadded afterwards.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,13 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 class ClipLossInputError(ValueError):
     """Bad input to the loss. Raised on every rank, naming the rank(s) at fault."""
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for the rendezvous of locally spawned ranks."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def is_distributed(group=None) -> bool:

@@ -39,7 +39,6 @@ import os
 import queue as queue_lib
 import re
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -47,6 +46,8 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+
+from .distributed import free_port
 
 PRECISIONS = ("ieee", "tf32", "bf16")
 BACKENDS = ("reference", "chunked", "fused")
@@ -424,12 +425,6 @@ def _row(backend, precision, scale, errors, exact, naive, n) -> Row:
 # --------------------------------------------------------------------------- running ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawned_rank(rank: int, n: int, port: int, opts: Options, results, stack_file) -> None:
     """Entry point of a spawned rank: gloo on loopback, results and progress to the parent."""
     try:
@@ -509,7 +504,7 @@ def spawn_and_check(opts: Options) -> Outcome:
     n = opts.nproc
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="palmtree-verify-") as tmp:
         stack_files = (
             [os.path.join(tmp, f"rank{r}.stack") for r in range(n)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 import time
 import traceback
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..distributed import free_port
 from . import checkpoint
 from .data import Prepared, TrainError, prepare_csv, prepare_digits
 from .loop import RankContext, train_rank
@@ -117,12 +117,6 @@ def _report_data(prepared: Prepared) -> None:
 # --------------------------------------------------------------------------- spawn
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_spawned(args, t0: float) -> int:
     prepared = prepare(args, resume_tokenizer(args))  # bad data stops before anything is cleared
     _report_data(prepared)
@@ -138,7 +132,7 @@ def _run_spawned(args, t0: float) -> int:
             torch.set_num_threads(previous)
         return 0
 
-    port = _free_port()
+    port = free_port()
     return spawn_ranks(_spawned_rank, args.nproc, (args, prepared, port, threads, t0))
 
 
