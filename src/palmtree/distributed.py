@@ -8,6 +8,7 @@ to the largest rank for the fixed-size collectives and unpadded afterwards.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -28,6 +29,11 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launched_world() -> bool:
+    """Whether a launcher (torchrun) gave this process its rank and world size."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def is_distributed(group=None) -> bool:

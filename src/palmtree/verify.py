@@ -47,7 +47,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
-from .distributed import free_port
+from .distributed import free_port, launched_world
 
 PRECISIONS = ("ieee", "tf32", "bf16")
 BACKENDS = ("reference", "chunked", "fused")
@@ -593,10 +593,6 @@ def _ranks(ranks) -> str:
     return ", ".join(map(str, ranks))
 
 
-def _launched_world() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def check_in_launched_world(opts: Options) -> tuple[Outcome, int, str]:
     """Runs in a torchrun-launched rank; a watchdog ends this rank at the timeout."""
     import torch
@@ -693,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    launched = _launched_world()
+    launched = launched_world()
     device = torch.device("cuda" if launched and torch.cuda.is_available() else "cpu")
     problem = backend_problem(opts.backends, device)
     if problem:

@@ -1,7 +1,7 @@
 """``palmtree train``: parse flags, prepare the data once, start the ranks.
 
 Without torchrun it spawns ``--nproc`` CPU processes (gloo on a free loopback port);
-under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) every launched process
+under torchrun (``RANK`` and ``WORLD_SIZE`` set) every launched process
 joins the given world, with NCCL when CUDA is available.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..distributed import free_port
+from ..distributed import free_port, launched_world
 from . import checkpoint
 from .data import Prepared, TrainError, prepare_csv, prepare_digits
 from .loop import RankContext, train_rank
@@ -37,16 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse printed the usage and the error
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        if _under_torchrun():
+        if launched_world():
             return _run_torchrun(args, t0)
         return _run_spawned(args, t0)
     except TrainError as exc:
         print(f"palmtree train: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _under_torchrun() -> bool:
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
 def cpu_cores() -> int:
@@ -191,7 +187,7 @@ def _spawned_rank(rank: int, args, prepared: Prepared, port: int, threads: int, 
 
 def _run_torchrun(args, t0: float) -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -10,6 +10,7 @@ import os
 import torch
 
 from palmtree.backends import BACKENDS, fused_can_run
+from palmtree.distributed import launched_world
 
 PRECISIONS = ("fp32", "amp_bf16", "amp")
 
@@ -260,4 +261,4 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _ranks_use_cuda() -> bool:
     """Spawned ranks run on CPU; torchrun ranks use CUDA when there is one."""
-    return "RANK" in os.environ and torch.cuda.is_available()
+    return launched_world() and torch.cuda.is_available()
