@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .backends.base import Kernels
+from .backends.base import ForwardStats, GradientTerms, Kernels
 from .distributed import Layout, all_gather_scalar, all_reduce_, gather_rows, reduce_scatter_rows
 
 
@@ -38,61 +38,114 @@ class PassOptions:
     eps: float = 1e-6
 
 
-def unit_rows(x: torch.Tensor, normalize: bool, eps: float):
-    """fp32 ``x / max(||x||, eps)`` row-wise, and the clamped norms (``None`` if not normalising).
+@dataclass
+class RowNorms:
+    """How :func:`unit_rows` divided each row: ``u = x / (2**exponent * divisor)``.
 
+    For a row of norm at least ``eps``, ``2**exponent`` brings its largest entry into
+    ``[0.5, 1)`` and ``divisor`` is the norm of the scaled row; below ``eps`` (``small``)
+    the divisor is ``eps`` itself and the exponent 0.
+    """
+
+    exponent: torch.Tensor
+    divisor: torch.Tensor
+    small: torch.Tensor
+
+
+def _times_pow2(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``x * 2**k``, exact barring under/overflow of the result: in two halves, so that
+    neither factor overflows where ``2**k`` alone would."""
+    half = torch.div(k, 2, rounding_mode="floor")
+    two = torch.tensor(2.0, dtype=x.dtype, device=x.device)
+    return x * torch.pow(two, half) * torch.pow(two, k - half)
+
+
+def unit_rows(x: torch.Tensor, normalize: bool, eps: float):
+    """fp32 ``x / max(||x||, eps)`` row-wise, and the :class:`RowNorms` (``None`` if not
+    normalising).
+
+    Each row is first scaled by the power of two that brings its largest entry into
+    ``[0.5, 1)``: exact, and no square overflows or underflows, so a row of any finite
+    norm in any float dtype (fp64 beyond fp32's range included) becomes a unit vector.
     Done here rather than by autograd so that the backward can work in place on the
     gradient buffers: at large ``B`` the ``B x D`` temporaries of autograd's
     normalisation backward were a large part of the peak memory.
     """
-    x = x.float()
     if not normalize:
-        return x.contiguous(), None
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(eps)
-    return (x / norm).contiguous(), norm
+        return x.float().contiguous(), None
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    exponent = torch.frexp(x.abs().amax(dim=1, keepdim=True).to(wide)).exponent.long()
+    y = _times_pow2(x.to(wide), -exponent).float()
+    y_norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+    small = _times_pow2(y_norm.double(), exponent) < eps
+    exponent = exponent.masked_fill(small, 0)
+    divisor = torch.where(small, eps, y_norm)
+    u = torch.where(small, x.float(), y) / divisor
+    return u.contiguous(), RowNorms(exponent, divisor, small)
 
 
-def unit_rows_backward(grad: torch.Tensor, u: torch.Tensor, norm, eps: float) -> torch.Tensor:
-    """Gradient w.r.t. the raw rows, computed in place in ``grad`` (fp32)."""
-    if norm is None or grad.numel() == 0:
-        return grad
-    # d(x/|x|) = (g - u <u, g>) / |x|; below eps the norm is a constant and only g / eps stays.
+def unit_rows_backward(
+    grad: torch.Tensor, u: torch.Tensor, norms: RowNorms | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Gradient w.r.t. the raw rows, in ``dtype`` (``grad`` is fp32, modified in place)."""
+    if norms is None or grad.numel() == 0:
+        return grad.to(dtype)
+    # d(x/|x|) = (g - u <u, g>) / |x|; below eps the norm is the constant eps: g / eps.
     dot = torch.bmm(u.unsqueeze(1), grad.unsqueeze(2)).squeeze(2)
-    dot.mul_(norm > eps)
-    return grad.addcmul_(u, dot, value=-1).div_(norm)
+    dot.masked_fill_(norms.small, 0.0)
+    grad.addcmul_(u, dot, value=-1).div_(norms.divisor)
+    return _times_pow2(grad.to(dtype), -norms.exponent)
 
 
-def complete_columns(
-    col_max: torch.Tensor, col_sum: torch.Tensor, layout: Layout
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global column (max, sum of exp) from every rank's partials: a MAX, then a SUM."""
-    global_max = all_reduce_(col_max.clone(), layout, dist.ReduceOp.MAX)
-    # A rank with no rows has partials (-inf, 0): its rescaled sum is 0 * 0 = 0. The
+def nll_terms(row_max: torch.Tensor, neg: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    """``logsumexp_j S[i, j] - S[i, positive]`` from a row's (max, negatives' sum, positive).
+
+    Formed so that each term keeps fp32 *relative* accuracy however small it is: when the
+    positive is the maximum the term is ``log1p(neg)``; otherwise ``neg >= 1`` (it holds
+    the maximum's ``exp(0)``) and ``(max - pos) + log(exp(pos - max) + neg)`` adds two
+    non-negative parts. ``(max + log(sum)) - pos`` would cancel at magnitude ``scale``.
+    """
+    gap = row_max - diag
+    return torch.where(gap > 0, gap + torch.log(torch.exp(-gap) + neg), torch.log1p(neg))
+
+
+def complete_columns(stats: ForwardStats, layout: Layout):
+    """Global column ``(max, negatives' sum, sum)`` from every rank's partials.
+
+    One MAX all-reduce, then one SUM all-reduce of both sums: each rank adds its own
+    columns' positives (which only it computed) to the full sums.
+    """
+    o, b = layout.offset, layout.b_local
+    global_max = all_reduce_(stats.col_max.clone(), layout, dist.ReduceOp.MAX)
+    sums = torch.stack([stats.col_neg, stats.col_neg])
+    sums[1, o : o + b] += torch.exp(stats.diag - stats.col_max[o : o + b])
+    # A rank with no rows has partials (-inf, 0): its rescaled sums are 0 * 0 = 0. The
     # global max itself is finite, since every column has a row on some rank.
-    rescaled = col_sum * torch.exp(col_max - global_max)
-    return global_max, all_reduce_(rescaled, layout)
+    sums *= torch.exp(stats.col_max - global_max)
+    all_reduce_(sums, layout)
+    return global_max, sums[0], sums[1]
 
 
 class SinglePassLoss(torch.autograd.Function):
     """``(images_r, texts_r, s) -> (N * share_r, global metric sums)``.
 
     The rows are L2-normalised in fp32 here (``opts.normalize``); see the module docstring.
+    First derivatives only: a backward that builds a graph (``create_graph=True``) raises.
     """
 
     @staticmethod
     def forward(ctx, image, text, scale, opts: PassOptions):
         layout = opts.layout
         ctx.dtypes = image.dtype, text.dtype
-        u, u_norm = unit_rows(image, opts.normalize, opts.eps)
-        v, v_norm = unit_rows(text, opts.normalize, opts.eps)
+        u, u_norms = unit_rows(image, opts.normalize, opts.eps)
+        v, v_norms = unit_rows(text, opts.normalize, opts.eps)
         o, b, big = layout.offset, layout.b_local, layout.b_global
         v_all = gather_rows(v, layout)
         stats = opts.kernels.forward(u, v_all, scale, o, opts.precision, opts.chunk_size)
-        col_max, col_sum = complete_columns(stats.col_max, stats.col_sum, layout)
-        col_lse = col_max + torch.log(col_sum)
+        col_max, col_neg, col_sum = complete_columns(stats, layout)
 
-        row_terms = stats.row_lse - stats.diag
-        col_terms = col_lse[o : o + b] - stats.diag
+        row_terms = nll_terms(stats.row_max, stats.row_neg, stats.diag)
+        col_terms = nll_terms(col_max[o : o + b], col_neg[o : o + b], stats.diag)
         sums = torch.stack(
             [
                 row_terms.sum(),
@@ -105,14 +158,21 @@ class SinglePassLoss(torch.autograd.Function):
         all_reduce_(sums, layout)
 
         ctx.opts = opts
+        ctx.norms = u_norms, v_norms
         ctx.save_for_backward(
-            u, v_all, scale, stats.row_max, stats.row_sum, col_max, col_sum, u_norm, v_norm
+            u, v_all, scale, stats.row_max, stats.row_sum, col_max, col_sum, stats.diag
         )
         ctx.mark_non_differentiable(sums)
         return layout.world_size * share, sums
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"backend={ctx.opts.kernels.name!r} gives first derivatives only, and this "
+                "backward was asked to build a graph (create_graph=True, e.g. for a gradient "
+                "penalty); use backend='reference', whose gradient is differentiable"
+            )
         # backward() may be called inside the user's autocast region: the kernels'
         # products must keep the precision the forward chose.
         with torch.autocast(grad_loss.device.type, enabled=False):
@@ -122,7 +182,7 @@ class SinglePassLoss(torch.autograd.Function):
     def _backward(ctx, grad_loss):
         opts = ctx.opts
         layout = opts.layout
-        u, v_all, scale, row_max, row_sum, col_max, col_sum, u_norm, v_norm = ctx.saved_tensors
+        u, v_all, scale, row_max, row_sum, col_max, col_sum, diag = ctx.saved_tensors
         # Each rank's share is weighted by its own upstream gradient (loss weights,
         # accumulation): gather them so every rank can weight every column.
         upstream = all_gather_scalar(grad_loss.detach().float(), layout)
@@ -130,21 +190,20 @@ class SinglePassLoss(torch.autograd.Function):
         o, b = layout.offset, layout.b_local
         w_row = weights[layout.rank].expand(b)
         w_col = weights[layout.owner_of_columns(weights.device)]
+        terms = GradientTerms(
+            row_shift=row_max,
+            row_coef=w_row / row_sum,
+            col_shift=col_max,
+            col_coef=w_col / col_sum,
+            pos_weight=w_row + w_col[o : o + b],
+            diag=diag,
+        )
         du, dv_partial, dscale = opts.kernels.backward(
-            u,
-            v_all,
-            scale,
-            o,
-            opts.precision,
-            opts.chunk_size,
-            row_max,
-            w_row / row_sum,
-            col_max,
-            w_col / col_sum,
-            w_row + w_col[o : o + b],
+            u, v_all, scale, o, opts.precision, opts.chunk_size, terms
         )
         dv = reduce_scatter_rows(dv_partial, layout)
-        du = unit_rows_backward(du, u, u_norm, opts.eps)
-        dv = unit_rows_backward(dv, v_all[o : o + b], v_norm, opts.eps)
+        u_norms, v_norms = ctx.norms
         image_dtype, text_dtype = ctx.dtypes
-        return du.to(image_dtype), dv.to(text_dtype), dscale.reshape(scale.shape), None
+        du = unit_rows_backward(du, u, u_norms, image_dtype)
+        dv = unit_rows_backward(dv, v_all[o : o + b], v_norms, text_dtype)
+        return du, dv, dscale.reshape(scale.shape), None

@@ -6,6 +6,13 @@ accumulates a gradient for and the *other* side the one it streams,
     G[x, y] = own_coef[x] exp(S[x, y] - own_shift[x]) + other_coef[y] exp(S[x, y] - other_shift[y])
               - [y == x + pos_shift] * pos_weight[x + pos_w_shift]
 
+where ``S`` at a positive is the forward's ``diag[x + pos_w_shift]`` rather than the
+recomputed product (the sums and maxima were made from that value; see
+:mod:`palmtree.backends.base`). The column programs recompute ``S^T`` tiles as ``V U^T``,
+which may round differently from the forward's ``U V^T``: off the positives that changes
+``G`` by a relative ``eps * scale``, as any fp32 logit's rounding does; at a positive it
+would not cancel.
+
 so one kernel serves the rows (own = ``U``) and the columns (own = ``V``, the tile being
 ``S^T``). A program owns ``BLOCK_OWN`` rows of its side and a range of the other side's
 tiles; for each tile it recomputes ``S`` (one product, in the forward's ``D`` chunks so
@@ -19,6 +26,8 @@ that gradient's summation order depend on scheduling.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -37,6 +46,7 @@ def _grad_kernel(
     OTHER_SHIFT,
     OTHER_COEF,
     POS_WEIGHT,
+    DIAG,
     D_OWN,
     D_OTHER,
     DSCALE,
@@ -58,6 +68,7 @@ def _grad_kernel(
     INTERPRET: tl.constexpr,
     OTHER_GRAD: tl.constexpr,
     WITH_DSCALE: tl.constexpr,
+    OWN_IS_U: tl.constexpr,
 ):
     pid_o = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -72,7 +83,9 @@ def _grad_kernel(
     o_shift = tl.load(OWN_SHIFT + own, mask=own_ok, other=float("inf"))
     o_coef = tl.load(OWN_COEF + own, mask=own_ok, other=0.0)
     pos_at = own + pos_w_shift
-    pos_w = tl.load(POS_WEIGHT + pos_at, mask=own_ok & (pos_at >= 0) & (pos_at < n_pos), other=0.0)
+    pos_ok = own_ok & (pos_at >= 0) & (pos_at < n_pos)
+    pos_w = tl.load(POS_WEIGHT + pos_at, mask=pos_ok, other=0.0)
+    pos_s = tl.load(DIAG + pos_at, mask=pos_ok, other=0.0)
 
     d_own = tl.zeros((BLOCK_OWN, BLOCK_D), tl.float32)
     ds = tl.zeros((BLOCK_OWN,), tl.float32)
@@ -83,27 +96,41 @@ def _grad_kernel(
         oth_ok = oth < n_other
         oth_rows = OTHER + oth.to(tl.int64)[:, None] * stride_other
         y = tl.load(oth_rows + dims[None, :], mask=oth_ok[:, None] & dim_ok[None, :], other=0.0)
-        dot = tl.zeros((BLOCK_OWN, BLOCK_OTHER), tl.float32)
+        # S is made as the forward made it, (U rows) x (V rows)^T in the same K chunks,
+        # and transposed afterwards when this program owns columns.
+        if OWN_IS_U:
+            dot = tl.zeros((BLOCK_OWN, BLOCK_OTHER), tl.float32)
+        else:
+            dot = tl.zeros((BLOCK_OTHER, BLOCK_OWN), tl.float32)
         if S_BLOCK_K >= BLOCK_D:
-            dot = mma(x, tl.trans(y), dot, PRECISION, INTERPRET)
+            if OWN_IS_U:
+                dot = mma(x, tl.trans(y), dot, PRECISION, INTERPRET)
+            else:
+                dot = mma(y, tl.trans(x), dot, PRECISION, INTERPRET)
         else:
             for k in range(0, D, S_BLOCK_K):
                 kk = k + tl.arange(0, S_BLOCK_K)
                 k_ok = kk < D
                 a = tl.load(own_rows + kk[None, :], mask=own_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(oth_rows + kk[None, :], mask=oth_ok[:, None] & k_ok[None, :], other=0.0)
-                dot = mma(a, tl.trans(b), dot, PRECISION, INTERPRET)
+                if OWN_IS_U:
+                    dot = mma(a, tl.trans(b), dot, PRECISION, INTERPRET)
+                else:
+                    dot = mma(b, tl.trans(a), dot, PRECISION, INTERPRET)
+        if not OWN_IS_U:
+            dot = tl.trans(dot)
         # Padding logits are -inf, so no exp overflows there and their G is exactly 0.
         ok = own_ok[:, None] & oth_ok[None, :]
+        positive = ok & (oth[None, :] == own[:, None] + pos_shift)
         s = tl.where(ok, dot * scale, float("-inf"))
+        s = tl.where(positive, pos_s[:, None], s)
         t_shift = tl.load(OTHER_SHIFT + oth, mask=oth_ok, other=float("inf"))
         t_coef = tl.load(OTHER_COEF + oth, mask=oth_ok, other=0.0)
         g = o_coef[:, None] * tl.exp(s - o_shift[:, None])
         g += t_coef[None, :] * tl.exp(s - t_shift[None, :])
-        positive = oth[None, :] == own[:, None] + pos_shift
         g = tl.where(positive, g - pos_w[:, None], g)
         if WITH_DSCALE:
-            # sum(G * S) / scale == sum(G * (U V^T)): no division.
+            # d/dscale is sum(G * (U V^T)): no division by a scale that may be 0.
             ds += tl.sum(g * dot, axis=1)
 
         gq = round_operand(g, PRECISION)
@@ -153,15 +180,38 @@ def _grad_kernel(
         tl.store(DSCALE + pid_o * tl.num_programs(1) + pid_s, tl.sum(ds, axis=0))
 
 
-def _own_grad(
-    own, other, scale, own_stats, other_stats, pos, precision, plan, d_other=None, with_dscale=False
-):
-    """``scale * G @ other`` for every row of ``own`` (and optionally the atomic other side).
+@dataclass(frozen=True)
+class _Positives:
+    """Where the positives of a launch are: own row ``x``'s is other row ``x + shift``;
+    its weight and forward logit are ``weight[x + w_shift]`` and ``diag[x + w_shift]``."""
 
-    ``pos = (weights, pos_shift, pos_w_shift)``: own row ``x``'s positive is other row
-    ``x + pos_shift`` with weight ``weights[x + pos_w_shift]``.
+    weight: torch.Tensor
+    diag: torch.Tensor
+    shift: int
+    w_shift: int
+
+
+def _own_grad(
+    own,
+    other,
+    scale,
+    own_terms,
+    other_terms,
+    pos: _Positives,
+    precision,
+    plan,
+    *,
+    own_is_u: bool,
+    d_other=None,
+    with_dscale=False,
+):
+    """``scale * G @ other`` for every row of ``own``, and ``sum(G * own other^T)``.
+
+    ``own_terms``/``other_terms`` are the ``(shift, coef)`` pairs of the two sides;
+    ``own_is_u`` says whether ``own`` holds the image rows (else the text rows).
+    With ``d_other``, the same programs also add ``scale * G^T @ own`` into it atomically.
+    Returns ``(grad, dscale)`` (``dscale`` is ``None`` unless ``with_dscale``).
     """
-    pos_weight, pos_shift, pos_w_shift = pos
     n_own, dim = own.shape
     n_other = other.shape[0]
     f32 = dict(dtype=torch.float32, device=own.device)
@@ -171,24 +221,27 @@ def _own_grad(
     partials = torch.empty(n_split, n_own, dim, **f32)
     dscale = torch.empty(blocks * n_split if with_dscale else 1, **f32)
     _grad_kernel[(blocks, n_split)](
-        own,
-        other,
-        scale,
-        *own_stats,
-        *other_stats,
-        pos_weight,
-        partials,
-        d_other if d_other is not None else partials,
-        dscale,
-        n_own,
-        n_other,
-        dim,
-        pos_weight.shape[0],
-        pos_shift,
-        pos_w_shift,
-        own.stride(0),
-        other.stride(0),
-        tiles_per_split,
+        OWN=own,
+        OTHER=other,
+        SCALE=scale,
+        OWN_SHIFT=own_terms[0],
+        OWN_COEF=own_terms[1],
+        OTHER_SHIFT=other_terms[0],
+        OTHER_COEF=other_terms[1],
+        POS_WEIGHT=pos.weight,
+        DIAG=pos.diag,
+        D_OWN=partials,
+        D_OTHER=d_other if d_other is not None else partials,
+        DSCALE=dscale,
+        n_own=n_own,
+        n_other=n_other,
+        D=dim,
+        n_pos=pos.weight.shape[0],
+        pos_shift=pos.shift,
+        pos_w_shift=pos.w_shift,
+        stride_own=own.stride(0),
+        stride_other=other.stride(0),
+        tiles_per_split=tiles_per_split,
         BLOCK_OWN=b_own,
         BLOCK_OTHER=b_other,
         BLOCK_D=plan.block_d,
@@ -198,6 +251,7 @@ def _own_grad(
         INTERPRET=interpreting(),
         OTHER_GRAD=d_other is not None,
         WITH_DSCALE=with_dscale,
+        OWN_IS_U=own_is_u,
         num_warps=plan.bwd_num_warps,
         num_stages=plan.bwd_num_stages,
     )
@@ -205,17 +259,31 @@ def _own_grad(
     return grad, (dscale.sum() if with_dscale else None)
 
 
-def backward_grads(
-    uq, vq, scale, offset, precision, plan, row_shift, row_coef, col_shift, col_coef, pos_weight
-):
-    """``(dU, dV_partial, dscale)`` of the base.py contract for rounded operands ``uq, vq``."""
-    rows, cols = (row_shift, row_coef), (col_shift, col_coef)
-    # Row i's positive is column offset + i; column j's is row j - offset (weights by row).
-    row_pos, col_pos = (pos_weight, offset, 0), (pos_weight, -offset, -offset)
+def backward_grads(uq, vq, scale, offset, precision, plan, terms):
+    """``(dU, dV_partial, dscale)`` of the base.py contract for rounded operands ``uq, vq``
+    and fp32 :class:`palmtree.backends.base.GradientTerms`."""
+    rows, cols = (terms.row_shift, terms.row_coef), (terms.col_shift, terms.col_coef)
+    # Row i's positive is column offset + i; column j's is row j - offset (data by row).
+    row_pos = _Positives(terms.pos_weight, terms.diag, offset, 0)
+    col_pos = _Positives(terms.pos_weight, terms.diag, -offset, -offset)
     if plan.bwd_mode == "atomic":
         dv = torch.zeros(vq.shape, dtype=torch.float32, device=vq.device)
-        du, dscale = _own_grad(uq, vq, scale, rows, cols, row_pos, precision, plan, dv, True)
+        du, dscale = _own_grad(
+            uq,
+            vq,
+            scale,
+            rows,
+            cols,
+            row_pos,
+            precision,
+            plan,
+            own_is_u=True,
+            d_other=dv,
+            with_dscale=True,
+        )
         return du, dv, dscale
-    du, dscale = _own_grad(uq, vq, scale, rows, cols, row_pos, precision, plan, with_dscale=True)
-    dv, _ = _own_grad(vq, uq, scale, cols, rows, col_pos, precision, plan)
+    du, dscale = _own_grad(
+        uq, vq, scale, rows, cols, row_pos, precision, plan, own_is_u=True, with_dscale=True
+    )
+    dv, _ = _own_grad(vq, uq, scale, cols, rows, col_pos, precision, plan, own_is_u=False)
     return du, dv, dscale

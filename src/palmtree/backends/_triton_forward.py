@@ -4,9 +4,9 @@
 column tiles once; every ``BLOCK_M x BLOCK_N`` tile of ``S = s * U V^T`` (fp32
 accumulation, a loop over ``D`` in ``BLOCK_K`` chunks) feeds
 
-* the rows' online (max, sum of exp), kept in registers across the program's tiles and
-  written once as a per-split partial;
-* the columns' (max, sum of exp) over the tile's rows, written to a
+* the rows' online (max, sum of exp over the negatives), kept in registers across the
+  program's tiles and written once as a per-split partial;
+* the columns' (max, sum of exp over the negatives) over the tile's rows, written to a
   ``row blocks x columns`` partials buffer (each entry exactly once, no atomics);
 * the positives ``S[i, offset + i]`` of the rows whose positive column is in the tile.
 
@@ -32,9 +32,9 @@ def _forward_kernel(
     V,
     SCALE,
     ROW_MAX,
-    ROW_SUM,
+    ROW_NEG,
     COL_MAX,
-    COL_SUM,
+    COL_NEG,
     DIAG,
     b,
     n_cols,
@@ -87,23 +87,24 @@ def _forward_kernel(
         diag += tl.sum(tl.where(positive, s, 0.0), axis=1)
 
         # Rows: online rescaling. A max of -inf only occurs on padding rows; shifting
-        # those by 0 keeps them at sum 0 instead of NaN.
+        # those by 0 keeps them at sum 0 instead of NaN. The sums leave the positive out.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_shift) + tl.sum(tl.exp(s - m_shift[:, None]), axis=1)
+        e = tl.where(positive, 0.0, tl.exp(s - m_shift[:, None]))
+        l_i = l_i * tl.exp(m_i - m_shift) + tl.sum(e, axis=1)
         m_i = m_new
 
         # Columns: complete over this row block, shifted by their own maximum.
         c_max = tl.max(s, axis=0)
         c_shift = tl.where(c_max == float("-inf"), 0.0, c_max)
-        c_sum = tl.sum(tl.exp(s - c_shift[None, :]), axis=0)
+        c_sum = tl.sum(tl.where(positive, 0.0, tl.exp(s - c_shift[None, :])), axis=0)
         part = pid_m.to(tl.int64) * n_cols + cols
         tl.store(COL_MAX + part, c_max, mask=col_ok)
-        tl.store(COL_SUM + part, c_sum, mask=col_ok)
+        tl.store(COL_NEG + part, c_sum, mask=col_ok)
 
     part = pid_s.to(tl.int64) * b + rows
     tl.store(ROW_MAX + part, m_i, mask=row_ok)
-    tl.store(ROW_SUM + part, l_i, mask=row_ok)
+    tl.store(ROW_NEG + part, l_i, mask=row_ok)
     pos_col = rows + diag_shift
     tl.store(DIAG + rows, diag, mask=row_ok & (pos_col >= n_begin) & (pos_col < n_end))
 
@@ -133,11 +134,20 @@ def _combine_kernel(PART_MAX, PART_SUM, OUT_MAX, OUT_SUM, n_parts, n, BLOCK: tl.
 def _combine(part_max, part_sum, out_max, out_sum, n_parts: int, n: int) -> None:
     if n:
         grid = (triton.cdiv(n, _COMBINE_BLOCK),)
-        _combine_kernel[grid](part_max, part_sum, out_max, out_sum, n_parts, n, _COMBINE_BLOCK)
+        _combine_kernel[grid](
+            PART_MAX=part_max,
+            PART_SUM=part_sum,
+            OUT_MAX=out_max,
+            OUT_SUM=out_sum,
+            n_parts=n_parts,
+            n=n,
+            BLOCK=_COMBINE_BLOCK,
+        )
 
 
 def forward_stats(uq, vq, scale, offset, precision, plan):
-    """``(row_max, row_sum, col_max, col_sum, diag)`` of ``S = scale * uq @ vq^T``.
+    """``(row_max, row_neg, col_max, col_neg, diag)`` of ``S = scale * uq @ vq^T``
+    (:class:`palmtree.backends.base.ForwardStats`: the sums leave the positives out).
 
     ``plan`` is a :class:`palmtree.backends.fused.TilePlan`; column segments bound the
     partials buffer, column splits fill the grid when there are few row blocks.
@@ -157,26 +167,26 @@ def forward_stats(uq, vq, scale, offset, precision, plan):
     col_pmax = torch.empty(row_blocks * min(seg, big), **f32)
     col_psum = torch.empty_like(col_pmax)
     col_max = torch.empty(big, **f32)
-    col_sum = torch.empty(big, **f32)
+    col_neg = torch.empty(big, **f32)
     diag = torch.empty(b, **f32)
     first = 0
     for (c0, n), (n_split, tiles_per_split) in zip(layout, splits, strict=True):
         _forward_kernel[(row_blocks, n_split)](
-            uq,
-            vq[c0:],
-            scale,
-            row_pmax[first:],
-            row_psum[first:],
-            col_pmax,
-            col_psum,
-            diag,
-            b,
-            n,
-            dim,
-            offset - c0,
-            uq.stride(0),
-            vq.stride(0),
-            tiles_per_split,
+            U=uq,
+            V=vq[c0:],
+            SCALE=scale,
+            ROW_MAX=row_pmax[first:],
+            ROW_NEG=row_psum[first:],
+            COL_MAX=col_pmax,
+            COL_NEG=col_psum,
+            DIAG=diag,
+            b=b,
+            n_cols=n,
+            D=dim,
+            diag_shift=offset - c0,
+            stride_u=uq.stride(0),
+            stride_v=vq.stride(0),
+            tiles_per_split=tiles_per_split,
             BLOCK_M=bm,
             BLOCK_N=bn,
             BLOCK_K=bk,
@@ -186,9 +196,9 @@ def forward_stats(uq, vq, scale, offset, precision, plan):
             num_warps=plan.num_warps,
             num_stages=plan.num_stages,
         )
-        _combine(col_pmax, col_psum, col_max[c0:], col_sum[c0:], row_blocks, n)
+        _combine(col_pmax, col_psum, col_max[c0:], col_neg[c0:], row_blocks, n)
         first += n_split
     row_max = torch.empty(b, **f32)
-    row_sum = torch.empty(b, **f32)
-    _combine(row_pmax, row_psum, row_max, row_sum, total_splits, b)
-    return row_max, row_sum, col_max, col_sum, diag
+    row_neg = torch.empty(b, **f32)
+    _combine(row_pmax, row_psum, row_max, row_neg, total_splits, b)
+    return row_max, row_neg, col_max, col_neg, diag

@@ -9,9 +9,10 @@ Row ``i`` of ``U`` is global pair ``offset + i``, so its positive is column
 ``offset + i``. Kernels never talk to other ranks; :mod:`palmtree.protocol` does
 the gathers, the column all-reduces and the reduce-scatter around them.
 
-``forward`` returns the statistics of the local rows as (max, sum of exp) pairs.
-``backward`` is given, for every local row and every global column, a shift and a
-coefficient, and builds
+``forward`` returns the statistics of the local rows as (max, sum of exp) pairs in which
+the sum leaves out the positive, and the positives themselves. ``backward`` is given
+:class:`GradientTerms`, a shift and a coefficient for every local row and every global
+column, and builds
 
     G[i, j] = row_coef[i] * exp(S[i, j] - row_shift[i])
             + col_coef[j] * exp(S[i, j] - col_shift[j])
@@ -19,12 +20,19 @@ coefficient, and builds
 
 then returns ``dU = scale * G @ V``, ``dV = scale * G^T @ U`` (this rank's partial for
 every column; the protocol sums the partials across ranks) and
-``dscale = sum_ij G[i, j] * S[i, j] / scale``.
+``dscale = sum_ij G[i, j] * (U V^T)[i, j]`` (no division by ``scale``, which may be 0).
 
-The protocol sets ``shift`` to the (global) maximum and ``coef = weight / sum`` so that
-``coef * exp(S - shift)`` is the weighted softmax normalised exactly as a plain softmax
-is; a log-sum-exp shift would bias every row's probabilities by the rounding of the
-log-sum-exp itself (``eps * |lse|``, large at scale 100).
+Two rules keep ``G`` exact where it cancels (docs/design.md, "Recompute"):
+
+* the protocol sets ``shift`` to the (global) maximum and ``coef = weight / sum`` so that
+  ``coef * exp(S - shift)`` is the weighted softmax normalised as a plain softmax is; a
+  log-sum-exp shift would bias every probability by the rounding of the log-sum-exp
+  itself (``eps * |lse|``, large at scale 100);
+* at the positive, ``S[i, offset + i]`` is the forward's ``diag[i]``, never a recomputed
+  product. The sums were made from that value; at a peaked softmax the positive's
+  ``p - w`` cancels, and a recomputed logit one ulp away (another product routine,
+  orientation or summation order) would leave ``w * eps * scale`` of error where the
+  truth is ~0.
 """
 
 from __future__ import annotations
@@ -42,21 +50,26 @@ class ForwardStats:
     """Statistics of one rank's ``b x B`` block of logits (all fp32).
 
     row_max: [b] maximum of each local row over all ``B`` columns.
-    row_sum: [b] ``sum_j exp(S[i, j] - row_max[i])``.
+    row_neg: [b] ``sum_{j != offset + i} exp(S[i, j] - row_max[i])``, the negatives' sum.
     col_max: [B] maximum over the local rows only (``-inf`` when ``b == 0``).
-    col_sum: [B] ``sum_i exp(S[i, j] - col_max[j])`` over the local rows (0 when ``b == 0``).
-    diag:    [b] the positive logits ``S[i, offset + i]``, computed as the tiles are.
+    col_neg: [B] ``sum_{i: offset + i != j} exp(S[i, j] - col_max[j])`` over the local rows
+             (0 when ``b == 0``).
+    diag:    [b] the positive logits ``S[i, offset + i]``, from the tiles the sums came from.
+
+    Keeping the positive out of the sums is what lets the loss keep fp32 relative
+    accuracy when it is small (:func:`palmtree.protocol.nll_terms`).
     """
 
     row_max: torch.Tensor
-    row_sum: torch.Tensor
+    row_neg: torch.Tensor
     col_max: torch.Tensor
-    col_sum: torch.Tensor
+    col_neg: torch.Tensor
     diag: torch.Tensor
 
     @property
-    def row_lse(self) -> torch.Tensor:
-        return self.row_max + torch.log(self.row_sum)
+    def row_sum(self) -> torch.Tensor:
+        """``sum_j exp(S[i, j] - row_max[i])``, the positive included."""
+        return self.row_neg + torch.exp(self.diag - self.row_max)
 
     @classmethod
     def empty(cls, big: int, device: torch.device) -> ForwardStats:
@@ -65,6 +78,28 @@ class ForwardStats:
         none = torch.empty(0, **f32)
         col_max = torch.full((big,), -torch.inf, **f32)
         return cls(none, none, col_max, torch.zeros(big, **f32), none)
+
+
+@dataclass
+class GradientTerms:
+    """What :meth:`Kernels.backward` needs to rebuild ``G`` (all fp32; see the module docstring).
+
+    row_shift, row_coef: [b]; col_shift, col_coef: [B]; pos_weight: [b], subtracted at
+    each local row's positive; diag: [b], the forward's positive logits.
+    """
+
+    row_shift: torch.Tensor
+    row_coef: torch.Tensor
+    col_shift: torch.Tensor
+    col_coef: torch.Tensor
+    pos_weight: torch.Tensor
+    diag: torch.Tensor
+
+    def to_f32(self) -> GradientTerms:
+        """Detached, contiguous fp32 copies (views the protocol hands in may be strided)."""
+        fields = (self.row_shift, self.row_coef, self.col_shift, self.col_coef)
+        rest = (self.pos_weight, self.diag)
+        return GradientTerms(*(t.detach().to(torch.float32).contiguous() for t in fields + rest))
 
 
 def zero_grads(u: torch.Tensor, v: torch.Tensor):
@@ -96,11 +131,7 @@ class Kernels(Protocol):
         offset: int,
         precision: str,
         chunk_size: int | None,
-        row_shift: torch.Tensor,
-        row_coef: torch.Tensor,
-        col_shift: torch.Tensor,
-        col_coef: torch.Tensor,
-        pos_weight: torch.Tensor,
+        terms: GradientTerms,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(dU [b, D], dV_partial [B, D], dscale [])``, all fp32."""
         ...

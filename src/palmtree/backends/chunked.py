@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..precision import cast_operand, fp32_matmul_mode, mm
-from .base import ForwardStats, zero_grads
+from .base import ForwardStats, GradientTerms, zero_grads
 
 #: Bytes of ``b x chunk`` temporaries alive at once: the backward's three fp32 buffers
 #: (logits, gradient, scratch) and a rounded copy of the gradient in tf32/bf16 modes.
@@ -52,65 +52,57 @@ class ChunkedKernels:
         stats = ForwardStats.empty(big, u.device)  # column partials are filled in below
         if b == 0:
             return stats
-        col_max, col_sum = stats.col_max, stats.col_sum
+        col_max, col_neg = stats.col_max, stats.col_neg
         f32 = dict(dtype=torch.float32, device=u.device)
         chunk = chunk_size or auto_chunk_size(b, big, u.device)
         uq = cast_operand(u, precision)
         row_max = torch.full((b,), -torch.inf, **f32)
-        row_sum = torch.zeros(b, **f32)
+        row_neg = torch.zeros(b, **f32)
         diag = torch.empty(b, **f32)
         scratch = None
         for c0 in range(0, big, chunk):
             c1 = min(c0 + chunk, big)
             s = mm(uq, cast_operand(v[c0:c1], precision).T, precision).mul_(scale)
             scratch = _buffer(scratch, s)
-            # Columns: complete over the local rows within this one chunk.
-            cmax = s.amax(0)
-            col_max[c0:c1] = cmax
-            col_sum[c0:c1] = torch.sub(s, cmax, out=scratch).exp_().sum(0)
-            # Rows: online rescaling across chunks.
-            new_max = torch.maximum(row_max, s.amax(1))
-            rescale = torch.exp(row_max - new_max)
-            row_sum = row_sum * rescale + torch.sub(s, new_max[:, None], out=scratch).exp_().sum(1)
-            row_max = new_max
             where = _diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
                 diag[where[0]] = s[where[0], where[1]]
-        return ForwardStats(row_max, row_sum, col_max, col_sum, diag)
+            # Columns: complete over the local rows within this one chunk.
+            cmax = s.amax(0)
+            col_max[c0:c1] = cmax
+            col_neg[c0:c1] = _negatives(torch.sub(s, cmax, out=scratch).exp_(), where).sum(0)
+            # Rows: online rescaling across chunks.
+            new_max = torch.maximum(row_max, s.amax(1))
+            e = _negatives(torch.sub(s, new_max[:, None], out=scratch).exp_(), where)
+            row_neg = row_neg * torch.exp(row_max - new_max) + e.sum(1)
+            row_max = new_max
+        return ForwardStats(row_max, row_neg, col_max, col_neg, diag)
 
-    def backward(
-        self,
-        u,
-        v,
-        scale,
-        offset,
-        precision,
-        chunk_size,
-        row_shift,
-        row_coef,
-        col_shift,
-        col_coef,
-        pos_weight,
-    ):
+    def backward(self, u, v, scale, offset, precision, chunk_size, terms: GradientTerms):
         b, big = u.shape[0], v.shape[0]
         du, dv, dscale = zero_grads(u, v)
         if b == 0:
             return du, dv, dscale
         chunk = chunk_size or auto_chunk_size(b, big, u.device)
         uq = cast_operand(u, precision)
+        row_shift, row_coef = terms.row_shift[:, None], terms.row_coef[:, None]
         g = scratch = None
         for c0 in range(0, big, chunk):
             c1 = min(c0 + chunk, big)
             vq = cast_operand(v[c0:c1], precision)
-            s = mm(uq, vq.T, precision).mul_(scale)
-            g, scratch = _buffer(g, s), _buffer(scratch, s)
-            torch.sub(s, row_shift[:, None], out=g).exp_().mul_(row_coef[:, None])
-            torch.sub(s, col_shift[None, c0:c1], out=scratch).exp_()
-            g.addcmul_(scratch, col_coef[None, c0:c1])
+            # The same call and shapes as the forward, so S rounds as it did there.
+            dot = mm(uq, vq.T, precision)
+            g, scratch = _buffer(g, dot), _buffer(scratch, dot)
+            s = torch.mul(dot, scale, out=g)
             where = _diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
-                g[where[0], where[1]] -= pos_weight[where[0]]
-            dscale += torch.mul(g, s, out=scratch).sum()
+                s[where[0], where[1]] = terms.diag[where[0]]
+            torch.sub(s, terms.col_shift[None, c0:c1], out=scratch).exp_()
+            scratch.mul_(terms.col_coef[None, c0:c1])
+            g = s.sub_(row_shift).exp_().mul_(row_coef).add_(scratch)
+            if where is not None:
+                g[where[0], where[1]] -= terms.pos_weight[where[0]]
+            dscale += torch.mul(g, dot, out=scratch).sum()
             gq = cast_operand(g, precision)
             if gq.dtype == torch.float32:  # accumulate in place: no b x D temporary per chunk
                 with fp32_matmul_mode(precision, u.device):
@@ -119,4 +111,11 @@ class ChunkedKernels:
             else:
                 du += mm(gq, vq, precision)
                 dv[c0:c1] = mm(gq.T, uq, precision)
-        return du.mul_(scale), dv.mul_(scale), dscale / scale
+        return du.mul_(scale), dv.mul_(scale), dscale
+
+
+def _negatives(e: torch.Tensor, where) -> torch.Tensor:
+    """``e`` with the positives of the chunk (``where``, from :func:`_diag_slice`) zeroed."""
+    if where is not None:
+        e[where[0], where[1]] = 0.0
+    return e

@@ -53,7 +53,7 @@ import os
 import torch
 
 from ..precision import round_to_tf32
-from .base import PRECISIONS, ForwardStats, zero_grads
+from .base import PRECISIONS, ForwardStats, GradientTerms, zero_grads
 
 BWD_MODES = ("two_kernels", "atomic")
 
@@ -112,6 +112,27 @@ class TilePlan:
                 target_programs=1,
                 partials_budget=64 << 20,
             )
+        return cls.for_target(
+            dim,
+            precision,
+            capability=torch.cuda.get_device_capability(device),
+            sm_count=_sm_count(device.index),
+        )
+
+    @classmethod
+    def for_target(
+        cls,
+        dim: int,
+        precision: str,
+        capability: tuple[int, int] = (9, 0),
+        sm_count: int = 132,
+    ) -> TilePlan:
+        """The CUDA plan :meth:`for_problem` picks on a card of this compute ``capability``
+        with ``sm_count`` multiprocessors (default: an H100/H200), computed without a GPU
+        so that the kernels can be compiled for that card anywhere (the compile audit).
+        The choice does not depend on ``capability`` yet: the audit checks it fits sm_80 too.
+        """
+        block_d = max(16, 1 << max(dim - 1, 0).bit_length())
         ieee = precision == "ieee"
         # Forward: ieee products are FMA loops, which need a thin K slice.
         block_k = 16 if ieee else min(block_d, 64 if precision == "bf16" else 32)
@@ -136,7 +157,7 @@ class TilePlan:
             bwd_block_k=64,
             bwd_num_warps=8,
             bwd_num_stages=1,
-            target_programs=4 * _sm_count(device.index),
+            target_programs=4 * sm_count,
             partials_budget=256 << 20,
         )
 
@@ -211,32 +232,18 @@ class FusedKernels:
             return ForwardStats.empty(big, u.device)
         from ._triton_forward import forward_stats
 
-        row_max, row_sum, col_max, col_sum, diag = forward_stats(
-            _operand(u, precision),
-            _operand(v, precision),
-            _f32(scale),
-            offset,
-            precision,
-            self.plan(u.shape[1], u.device, precision),
-        )
         return ForwardStats(
-            row_max=row_max, row_sum=row_sum, col_max=col_max, col_sum=col_sum, diag=diag
+            *forward_stats(
+                _operand(u, precision),
+                _operand(v, precision),
+                _f32(scale),
+                offset,
+                precision,
+                self.plan(u.shape[1], u.device, precision),
+            )
         )
 
-    def backward(
-        self,
-        u,
-        v,
-        scale,
-        offset,
-        precision,
-        chunk_size,
-        row_shift,
-        row_coef,
-        col_shift,
-        col_coef,
-        pos_weight,
-    ):
+    def backward(self, u, v, scale, offset, precision, chunk_size, terms: GradientTerms):
         _check(u, v, scale, offset, precision)
         if u.shape[0] == 0:
             return zero_grads(u, v)
@@ -249,5 +256,5 @@ class FusedKernels:
             offset,
             precision,
             self.plan(u.shape[1], u.device, precision),
-            *(_f32(t) for t in (row_shift, row_coef, col_shift, col_coef, pos_weight)),
+            terms.to_f32(),
         )
