@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .backends import get_kernels, resolve_backend
@@ -62,13 +61,33 @@ def capped_scale(logit_scale: torch.Tensor, cap: float, mode: str = "clamp") -> 
     behaviour; pair it with clamping the parameter after each step, as open_clip does).
     ``"straight_through"``: the value is capped but the gradient is that of ``exp``, so
     the optimiser can still pull a parameter that drifted above the cap back down.
+    Neither mode turns a huge ``logit_scale`` (``exp`` overflows fp32 above ~88.7) into
+    a NaN value or gradient.
     """
     if mode not in SCALE_CAPS:
         raise ValueError(f"scale_cap must be one of {SCALE_CAPS}, got {mode!r}")
-    scale = logit_scale.float().exp()
-    if mode == "clamp":
-        return scale.clamp(max=cap)
-    return scale - (scale - cap).clamp(min=0).detach()
+    x = logit_scale.float()
+    if mode == "straight_through":
+        return _StraightThroughCap.apply(x, cap)
+    # exp() of an argument held just above log(cap): the value still reaches the cap and
+    # the clamp's zero gradient never meets an infinite exp' (0 * inf is NaN).
+    return x.clamp(max=min(math.log(cap) + 1.0, 88.0)).exp().clamp(max=cap)
+
+
+class _StraightThroughCap(torch.autograd.Function):
+    """``min(exp(x), cap)`` whose gradient is ``exp(x)``'s, uncapped."""
+
+    @staticmethod
+    def forward(ctx, x, cap):
+        ctx.save_for_backward(x)
+        return x.clamp(max=min(math.log(cap) + 1.0, 88.0)).exp().clamp(max=cap)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        # exp(x) in float64: finite far beyond fp32's range; a zero upstream stays 0.
+        slope = torch.where(grad == 0, 0.0, grad.double() * x.double().exp())
+        return slope.to(grad.dtype), None
 
 
 def _check_local(image_features, text_features, text_mask, logit_scale) -> str | None:
@@ -239,11 +258,9 @@ def _clip_loss(
 
         scale = capped_scale(logit_scale, logit_scale_max, scale_cap)
         if name == "reference":
-            u, v = image_features.float(), text_features.float()
-            if normalize:
-                u = F.normalize(u, dim=-1, eps=NORM_EPS)
-                v = F.normalize(v, dim=-1, eps=NORM_EPS)
-            loss, sums = reference_loss(u, v, scale, layout, mode)
+            loss, sums = reference_loss(
+                image_features, text_features, scale, layout, mode, normalize, NORM_EPS
+            )
         else:
             opts = PassOptions(get_kernels(name), layout, mode, chunk_size, normalize, NORM_EPS)
             loss, sums = SinglePassLoss.apply(image_features, text_features, scale, opts)

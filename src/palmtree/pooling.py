@@ -10,15 +10,16 @@ def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     Args:
         x: ``[b, L, D]`` token latents, any float dtype.
-        mask: ``[b, L]``, nonzero / ``True`` for real tokens, zero for padding.
+        mask: ``[b, L]``, 1 / ``True`` for real tokens, 0 for padding; what padded
+            positions hold (even NaN or inf) does not matter.
 
     Returns:
-        ``[b, D]`` in ``x``'s dtype. The sum and the count are taken in fp32, so
+        ``[b, D]`` in ``x``'s dtype. The sum is taken in fp32 (fp64 for fp64 input), so
         long bf16/fp16 sequences do not lose precision.
 
     Raises:
-        ValueError: on a shape mismatch, or when a row has no real token (its mean
-            would be 0/0; such a row is almost always a data-pipeline bug).
+        ValueError: on a shape mismatch, a mask value other than 0 and 1, or a row with
+            no real token (its mean would be 0/0; almost always a data-pipeline bug).
     """
     if x.dim() != 3:
         raise ValueError(f"masked_mean_pool expects x of shape [b, L, D], got {tuple(x.shape)}")
@@ -29,16 +30,21 @@ def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         )
     if mask.device != x.device:
         raise ValueError(f"text_mask is on {mask.device} but the token latents are on {x.device}")
-    if mask.dtype.is_floating_point and not torch.isin(mask, mask.new_tensor([0.0, 1.0])).all():
-        raise ValueError("a floating-point text_mask must hold only 0 and 1")
-    weights = (mask != 0).to(torch.float32)
-    counts = weights.sum(dim=1, keepdim=True)
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"text_mask must hold only 0 and 1 (or be bool), got dtype {mask.dtype}")
+    real = mask.bool()
+    counts = real.sum(dim=1, keepdim=True)
     empty = counts.squeeze(1) == 0
     if bool(empty.any()):
         rows = empty.nonzero().flatten().tolist()
         shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
         raise ValueError(f"text_mask has no real token in row(s) {shown}")
-    return (torch.einsum("bl,bld->bd", weights, x.float()) / counts).to(x.dtype)
+    # Padded positions are zeroed, not multiplied by 0 (0 * nan is nan), and each real
+    # token is weighted 1/count before the sum, which then never exceeds max|x|.
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weights = real.to(wide) / counts
+    tokens = x.to(wide).masked_fill(~real[:, :, None], 0.0)
+    return torch.einsum("bl,bld->bd", weights, tokens).to(x.dtype)
 
 
 def masked_mean_pool_fp32(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,46 @@ def _round_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
     return x
 
 
+def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``sum_i cross_entropy(logits[i], labels[i])``, each term to relative accuracy.
+
+    ``-log softmax = softplus(logsumexp_{j != label} (logit_j - logit_label))``: no
+    ``lse - logit`` cancellation at magnitude ``scale``, so a small loss keeps its digits.
+    The label's own entry is masked with the dtype's lowest finite value, not ``-inf``, so
+    that a row with no negatives (a global batch of one) has a zero, not NaN, gradient.
+    """
+    positive = logits.gather(1, labels[:, None])
+    others = (logits - positive).scatter(1, labels[:, None], torch.finfo(logits.dtype).min)
+    return F.softplus(torch.logsumexp(others, dim=1)).sum()
+
+
+def unit_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """fp32 ``x / max(||x||, eps)`` through autograd, for rows of any finite norm.
+
+    As :func:`palmtree.protocol.unit_rows`: each row is first scaled by the (constant)
+    power of two that brings its largest entry into ``[0.5, 1)``, so no square overflows.
+    """
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    exponent = torch.frexp(x.detach().abs().amax(dim=1, keepdim=True).to(wide)).exponent
+    factor = torch.pow(torch.tensor(2.0, dtype=torch.float64, device=x.device), -exponent)
+    y = (x.to(wide) * factor.to(wide)).float()
+    # The eps of x's scale, in y's (inf where that overflows: the row is then below eps).
+    floor = (eps * factor).float()
+    return y / torch.maximum(torch.linalg.vector_norm(y, dim=1, keepdim=True), floor)
+
+
 def reference_loss(
-    u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, layout: Layout, precision: str
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor,
+    layout: Layout,
+    precision: str,
+    normalize: bool,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :class:`palmtree.protocol.SinglePassLoss`: ``(N * share_r, sums)``."""
+    u = unit_rows(image, eps) if normalize else image.float()
+    v = unit_rows(text, eps) if normalize else text.float()
     o, b, big = layout.offset, layout.b_local, layout.b_global
     u_all = gather_rows_with_grad(u, layout)
     v_all = gather_rows_with_grad(v, layout)
@@ -36,8 +72,8 @@ def reference_loss(
     image_rows = scale * uq @ _round_operand(v_all, precision).T  # S[o:o+b, :]
     text_rows = scale * vq @ _round_operand(u_all, precision).T  # S[:, o:o+b]^T
     labels = torch.arange(o, o + b, device=u.device)
-    row_sum = F.cross_entropy(image_rows, labels, reduction="sum")
-    col_sum = F.cross_entropy(text_rows, labels, reduction="sum")
+    row_sum = nll_sum(image_rows, labels)
+    col_sum = nll_sum(text_rows, labels)
     share = (row_sum + col_sum) / (2 * big)
 
     with torch.no_grad():
