@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from oracle import make_batch
 from torch import nn
 
 import palmtree
+from palmtree.testing import make_pairs
 
 
 def loss_and_grads(rank, n, backend, precision, sizes, weights, dim, seed, log_scale, **kw):
     """This rank's slice of the seeded global batch through ``clip_loss`` and backward."""
-    img, txt = make_batch(sum(sizes), dim, seed, kw.pop("noise", 0.7))
+    img, txt = make_pairs(sum(sizes), dim, seed, kind=kw.pop("kind", "correlated"))
     o, b = sum(sizes[:rank]), sizes[rank]
     i = img[o : o + b].clone().requires_grad_()
     t = txt[o : o + b].clone().requires_grad_()
@@ -33,7 +33,7 @@ def subgroup_loss(rank, n, backend, sizes):
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     mine = rank // 2
     first = 2 * mine
-    img, txt = make_batch(sum(sizes[first : first + 2]), 8, seed=11 + mine)
+    img, txt = make_pairs(sum(sizes[first : first + 2]), 8, seed=11 + mine)
     o = sum(sizes[first:rank])
     i = img[o : o + sizes[rank]].clone().requires_grad_()
     t = txt[o : o + sizes[rank]].clone().requires_grad_()
@@ -44,7 +44,7 @@ def subgroup_loss(rank, n, backend, sizes):
 
 def raises_on_bad_input(rank, n, bad_rank, kind, backend):
     """Rank ``bad_rank`` passes a bad input of the given kind; the rest pass good ones."""
-    img, txt = make_batch(4 * n, 8, seed=3)
+    img, txt = make_pairs(4 * n, 8, seed=3)
     i, t = img[4 * rank : 4 * rank + 4].clone(), txt[4 * rank : 4 * rank + 4].clone()
     mask = None
     if rank == bad_rank:

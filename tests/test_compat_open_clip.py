@@ -13,12 +13,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import make_batch
 from world import World
 
 import palmtree.compat.open_clip as compat
 from palmtree import ClipLossInputError
 from palmtree.peers import PeerUnavailable, load_open_clip_loss_module
+from palmtree.testing import make_pairs
 
 try:
     load_open_clip_loss_module()
@@ -33,7 +33,7 @@ DIM = 16
 
 def unit_batch(big, seed):
     """The features open_clip's models hand to the loss: already L2-normalised."""
-    img, txt = make_batch(big, DIM, seed)
+    img, txt = make_pairs(big, DIM, seed)
     return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 
 

@@ -1,0 +1,366 @@
+"""Ground truth for contrastive losses: seeded pairs, a float64 reference, error bounds.
+
+What palmtree's own tests, ``palmtree verify`` and ``palmtree bench`` check against, and
+what you can call in your own tests::
+
+    from palmtree import clip_loss, testing
+
+    img, txt = testing.make_pairs(512, 64, seed=0)
+    ref = testing.reference(img, txt, logit_scale=2.3)
+    out = clip_loss(img, txt, torch.tensor(2.3))
+    testing.check_scalar("loss", out.loss, ref.loss, ref.loss_bound)
+
+How close an fp32 result must be (docs/design.md, "What exact means"):
+
+* **Scalars that are sums** (the loss, each rank's share, the temperature's gradient)
+  must lie within a bound derived from the computation itself, here, in float64, from
+  first-order error analysis: every fp32 logit is off by at most
+  ``E_ij = s * (gamma(2D + 4) * sum_k |u_ik v_jk| + gamma(5))`` (normalisation, the
+  ``D``-term dot product, the scale and the shift before ``exp``; ``gamma(n) = n u /
+  (1 - n u)``, ``u = 2**-24``), each loss term ``t = -log p_positive`` moves by at most
+  ``sum_j |p_j - [j = positive]| E_j`` under those errors and is formed to
+  ``gamma(3B + 3)`` relative, and sums of ``n`` terms add ``gamma(n)`` times the sum of
+  their absolute values. The bound is relative to the loss (no absolute allowance), so
+  a small loss must keep its digits too. It is a worst case, not a typical error:
+  correct fp32 code sits far inside it; the defects it exists for (an ``lse - logit``
+  cancelling at magnitude ``scale``) leave it by orders of magnitude.
+* **Gradient tensors** must be within ``2 x`` the error of a plain fp32 computation of
+  the same gradient (materialised logits, autograd), plus ``1e-6`` of their largest
+  entry: :func:`check_tensor`. This is the maximum over many entries, each carrying the
+  rounding of its logits; a correct implementation has the same error distribution
+  as the plain one, so its maximum lies within a small factor of the plain maximum.
+  It catches gradients normalised inconsistently (a positive's ``p - 1`` left with
+  ``eps * scale`` of error where the truth is ~0) by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+UNIT_ROUNDOFF = 2.0**-24  # fp32
+
+KINDS = ("correlated", "adversarial", "aligned")
+
+#: Relative rounding of one matmul operand in each precision mode (tf32 keeps 10 mantissa
+#: bits, bf16 7; ieee operands are exact).
+OPERAND_UNIT = {"ieee": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}
+
+
+def gamma(n: float, u: float = UNIT_ROUNDOFF) -> float:
+    """``n u / (1 - n u)``: the relative error bound of ``n`` rounded operations."""
+    return n * u / (1 - n * u)
+
+
+def make_pairs(
+    big: int,
+    dim: int,
+    seed: int = 0,
+    *,
+    kind: str = "correlated",
+    noise: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``big`` seeded (image, text) feature pairs, the same on every machine and rank.
+
+    ``"correlated"``: texts are their images plus noise (0.7 by default), images have a
+    realistic spread of norms (unnormalised). ``"aligned"``: noise 0.05, so at a large
+    scale every softmax is peaked on its positive and the loss is small.
+    ``"adversarial"``: every similarity near -1 (at scale 100 every logit sits near
+    -100, where a fixed max-shift underflows) and the first two pairs duplicated.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    if kind == "adversarial":
+        e = torch.randn(dim, **f64)
+        img = e + 0.05 * torch.randn(big, dim, **f64)
+        txt = -e + 0.05 * torch.randn(big, dim, **f64)
+        if big >= 2:
+            img[1], txt[1] = img[0], txt[0]
+        return img.to(dtype), txt.to(dtype)
+    noise = (0.7 if kind == "correlated" else 0.05) if noise is None else noise
+    base = torch.randn(big, dim, **f64)
+    img = base * (1 + torch.rand(big, 1, **f64))
+    txt = base + noise * torch.randn(big, dim, **f64)
+    return img.to(dtype), txt.to(dtype)
+
+
+@dataclass
+class Reference:
+    """The float64 truth of ``J = sum_r weights[r] * share_r`` and bounds for fp32 results.
+
+    ``loss`` is the global loss (the shares' sum), ``shares[r]`` rank ``r``'s part of it
+    (what rank ``r`` returns is ``N * shares[r]``), ``d_img``/``d_txt``/``d_scale`` the
+    gradients of ``J`` w.r.t. the raw features and the *log* scale. ``*_bound`` bound the
+    error of an fp32 computation of the same value (module docstring).
+    """
+
+    loss: torch.Tensor
+    loss_i2t: torch.Tensor
+    loss_t2i: torch.Tensor
+    shares: torch.Tensor
+    d_img: torch.Tensor
+    d_txt: torch.Tensor
+    d_scale: torch.Tensor
+    loss_bound: float
+    share_bounds: torch.Tensor
+    d_scale_bound: float
+
+
+def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 unit rows (eps 1e-6, as the loss) and the divisor of each row."""
+    x = x.double()
+    peak = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+    norm = torch.linalg.vector_norm(x / peak, dim=1, keepdim=True) * peak
+    divisor = norm.clamp_min(1e-6)
+    return x / divisor, divisor
+
+
+def _unit_backward(grad, u, divisor):
+    dot = (u * grad).sum(1, keepdim=True) * (divisor > 1e-6)
+    return (grad - u * dot) / divisor
+
+
+def _terms(s_block: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """``-log softmax`` at each row's positive column, to float64 relative accuracy."""
+    rows = torch.arange(len(positives))
+    diff = s_block - s_block[rows, positives][:, None]
+    diff[rows, positives] = -math.inf
+    return F.softplus(torch.logsumexp(diff, dim=1))
+
+
+def reference(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    logit_scale: float,
+    *,
+    sizes: list[int] | None = None,
+    weights: list[float] | None = None,
+    logit_scale_max: float = 100.0,
+    scale_cap: str = "clamp",
+    normalize: bool = True,
+    precision: str = "ieee",
+    block: int | None = None,
+) -> Reference:
+    """The float64 truth and fp32 error bounds for ``clip_loss`` on the global batch.
+
+    ``img``/``txt`` are the whole global batch ``[B, D]`` in rank order; ``sizes`` splits
+    it over ranks (default: one rank) and ``weights`` are the ranks' upstream gradients.
+    ``precision`` is the matmul operand mode whose rounding the bounds allow for.
+    Works in row blocks of ``block`` rows (memory ``O(block * B)``), so it runs at any
+    ``B`` that fits ``B x D`` float64 features.
+    """
+    img, txt = img.detach(), txt.detach()
+    big, dim = img.shape
+    sizes = [big] if sizes is None else list(sizes)
+    if sum(sizes) != big:
+        raise ValueError(f"sizes {sizes} do not add up to the batch of {big}")
+    weights = torch.ones(len(sizes), dtype=torch.float64) if weights is None else weights
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    w = weights[owner] / (2 * big)  # each row's / column's weight in J
+    raw_scale = math.exp(logit_scale)
+    s = min(raw_scale, logit_scale_max)
+    if normalize:
+        (u, u_div), (v, v_div) = _unit(img), _unit(txt)
+    else:
+        u, v = img.double(), txt.double()
+    block = block or max(1, (1 << 22) // max(big, 1))
+    rows_of = [(i0, min(i0 + block, big)) for i0 in range(0, big, block)]
+    err = _LogitErrors(u, v, s, dim, OPERAND_UNIT[precision])
+
+    # Pass 1: row terms and log-sum-exps; column log-sum-exps, online over row blocks.
+    t_row = torch.empty(big, dtype=torch.float64)
+    row_lse = torch.empty(big, dtype=torch.float64)
+    col_lse = torch.full((big,), -math.inf, dtype=torch.float64)
+    for i0, i1 in rows_of:
+        sb = s * u[i0:i1] @ v.T
+        t_row[i0:i1] = _terms(sb, torch.arange(i0, i1))
+        row_lse[i0:i1] = torch.logsumexp(sb, dim=1)
+        col_lse = torch.logaddexp(col_lse, torch.logsumexp(sb, dim=0))
+    t_col = torch.empty(big, dtype=torch.float64)
+    for j0, j1 in rows_of:
+        t_col[j0:j1] = _terms(s * v[j0:j1] @ u.T, torch.arange(j0, j1))
+
+    # Pass 2: how far each term moves under the logits' errors (first order), and the
+    # columns' error-weighted means sum_i p_col[i, j] E[i, j].
+    sens_row = torch.empty(big, dtype=torch.float64)
+    sens_col = torch.zeros(big, dtype=torch.float64)
+    col_mean_e = torch.zeros(big, dtype=torch.float64)
+    for i0, i1 in rows_of:
+        sb, e, pos = s * u[i0:i1] @ v.T, err.block(i0, i1), _positives(i0, i1)
+        p_row = torch.exp(sb - row_lse[i0:i1, None])
+        p_col = torch.exp(sb - col_lse[None, :])
+        sens_row[i0:i1] = _sensitivity(p_row, e, pos, dim=1)
+        sens_col += _sensitivity(p_col, e, pos, dim=0)
+        col_mean_e += (p_col * e).sum(0)
+
+    # Pass 3: G = dJ/dS, the feature gradients, dJ/ds, and the bound on fp32's dJ/ds.
+    d_u = torch.zeros_like(u)
+    d_v = torch.zeros_like(v)
+    g_dot = ds_bound = 0.0
+    form = gamma(3 * big + 3)  # forming exp, the sums and the log of one term
+    for i0, i1 in rows_of:
+        dot = u[i0:i1] @ v.T
+        sb, e, pos = s * dot, err.block(i0, i1), _positives(i0, i1)
+        p_row = torch.exp(sb - row_lse[i0:i1, None])
+        p_col = torch.exp(sb - col_lse[None, :])
+        g = w[i0:i1, None] * p_row + w[None, :] * p_col
+        g[pos] -= 2 * w[i0:i1]
+        d_u[i0:i1] = s * g @ v
+        d_v += s * g.T @ u[i0:i1]
+        g_dot += float((g * dot).sum())
+
+        row_mean_e = (p_row * e).sum(1)
+        dg = w[i0:i1, None] * _softmax_error(p_row, e, row_mean_e[:, None], pos, row_mean_e, form)
+        dg += w[None, :] * _softmax_error(
+            p_col, e, col_mean_e[None, :], pos, col_mean_e[i0:i1], form
+        )
+        dg += UNIT_ROUNDOFF * (g.abs() + w[i0:i1, None] * p_row + w[None, :] * p_col)
+        ds_bound += float((dg * dot.abs()).sum() + (g.abs() * e).sum() / s)
+        ds_bound += gamma(2 * big + 2) * float((g * dot).abs().sum())
+
+    loss_i2t, loss_t2i = t_row.sum() / big, t_col.sum() / big
+    per_term = sens_row + sens_col + form * (t_row + t_col)
+    share_terms = torch.stack([t.sum() for t in (t_row + t_col).split(sizes)])
+    shares = share_terms / (2 * big)
+    share_bounds = torch.stack(
+        [
+            (part.sum() + gamma(2 * n + 2) * terms) / (2 * big)
+            for part, n, terms in zip(per_term.split(sizes), sizes, share_terms, strict=True)
+        ]
+    )
+    loss_bound = float(per_term.sum() + gamma(2 * big + len(sizes) + 2) * share_terms.sum())
+    loss_bound /= 2 * big
+
+    if scale_cap == "clamp" and raw_scale > logit_scale_max:
+        d_scale, d_scale_bound = 0.0, 0.0
+    else:  # d/dtheta = exp(theta) * dJ/ds (straight-through: exp's gradient, uncapped)
+        d_scale = raw_scale * g_dot
+        d_scale_bound = raw_scale * ds_bound + gamma(3) * abs(d_scale)
+    d_img = _unit_backward(d_u, u, u_div) if normalize else d_u
+    d_txt = _unit_backward(d_v, v, v_div) if normalize else d_v
+    return Reference(
+        loss=shares.sum(),
+        loss_i2t=loss_i2t,
+        loss_t2i=loss_t2i,
+        shares=shares,
+        d_img=d_img,
+        d_txt=d_txt,
+        d_scale=torch.tensor(d_scale, dtype=torch.float64),
+        loss_bound=loss_bound,
+        share_bounds=share_bounds,
+        d_scale_bound=d_scale_bound,
+    )
+
+
+class _LogitErrors:
+    """``E_ij``, the bound on an fp32 logit's error, for a block of rows (module docstring).
+
+    With rounded operands (``unit`` > 0) each product ``u_k v_k`` is also off by
+    ``2.01 unit`` relative (two roundings and their product).
+    """
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor, s: float, dim: int, unit: float):
+        self.abs_u, self.abs_v = u.abs(), v.abs()
+        self.s, self.per_product = s, gamma(2 * dim + 4) + 2.01 * unit
+
+    def block(self, i0: int, i1: int) -> torch.Tensor:
+        a = self.abs_u[i0:i1] @ self.abs_v.T
+        return self.s * (self.per_product * a + gamma(5))
+
+
+def _positives(i0: int, i1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the positives in the block of rows ``[i0, i1)``: ``(local row, column)``."""
+    rows = torch.arange(i1 - i0)
+    return rows, i0 + rows
+
+
+def _sensitivity(p, e, pos, *, dim: int) -> torch.Tensor:
+    """``sum |d t / d S| E`` along ``dim`` for the terms ``t = -log p[positive]``."""
+    dt = p.clone()
+    dt[pos] -= 1.0
+    return (dt.abs() * e).sum(dim)
+
+
+def _softmax_error(p, e, mean_e, pos, pos_mean_e, form: float) -> torch.Tensor:
+    """Bound on ``|fl(p) - p|`` for a softmax ``p`` whose logits carry errors ``e``.
+
+    ``dp_ij = p_ij (dS_ij - sum_k p_ik dS_ik)``, bounded by ``p_ij (e_ij + mean_e)``; at
+    the positive it is ``p (1 - p) dS_pos - p sum_{k != pos} p_k dS_k``, which vanishes
+    with ``1 - p`` when the normalisation is consistent. ``form`` is the relative
+    rounding of forming ``p`` itself. ``pos_mean_e`` is ``mean_e`` at each positive.
+    """
+    out = p * (e + mean_e + form)
+    p_pos, e_pos = p[pos], e[pos]
+    out[pos] = p_pos * ((1 - p_pos) * e_pos + (pos_mean_e - p_pos * e_pos) + form)
+    return out
+
+
+def plain_fp32(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    logit_scale: float,
+    *,
+    sizes: list[int] | None = None,
+    weights: list[float] | None = None,
+    logit_scale_max: float = 100.0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The straightforward computation in ``dtype``: materialised logits, autograd.
+
+    What "as good as plain fp32" compares against (gradient tensors, :func:`check_tensor`).
+    Returns ``shares``, ``d_img``, ``d_txt`` and ``d_scale`` of ``J`` as :func:`reference`.
+    """
+    sizes = [img.shape[0]] if sizes is None else list(sizes)
+    weights = torch.ones(len(sizes)) if weights is None else torch.as_tensor(weights)
+    i = img.detach().to(dtype).requires_grad_()
+    t = txt.detach().to(dtype).requires_grad_()
+    theta = torch.tensor(logit_scale, dtype=dtype, requires_grad=True)
+    u, v = F.normalize(i, dim=-1, eps=1e-6), F.normalize(t, dim=-1, eps=1e-6)
+    logits = theta.exp().clamp(max=logit_scale_max) * u @ v.T
+    labels = torch.arange(len(u))
+    terms = F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(
+        logits.T, labels, reduction="none"
+    )
+    shares = torch.stack([part.sum() for part in terms.split(sizes)]) / (2 * len(u))
+    (shares * weights.to(dtype)).sum().backward()
+    return {"shares": shares.detach(), "d_img": i.grad, "d_txt": t.grad, "d_scale": theta.grad}
+
+
+def max_error(ours: torch.Tensor, exact: torch.Tensor) -> float:
+    """``max |ours - exact|`` in float64 (NaN if ``ours`` holds a NaN)."""
+    diff = (torch.as_tensor(ours).detach().double().cpu() - exact.detach().double().cpu()).abs()
+    if diff.numel() == 0:
+        return 0.0
+    return float("nan") if bool(diff.isnan().any()) else float(diff.max())
+
+
+def check_scalar(name: str, ours, exact: torch.Tensor, bound: float) -> float:
+    """Asserts ``|ours - exact| <= bound`` (NaN fails); returns the error."""
+    err = max_error(torch.as_tensor(ours), exact)
+    if not err <= bound:
+        raise AssertionError(
+            f"{name}: error {err:.3e} > bound {bound:.3e} (value {float(exact):.6g})"
+        )
+    return err
+
+
+def check_tensor(
+    name: str, ours, plain: torch.Tensor, exact: torch.Tensor, factor: float = 2.0, rel=1e-6
+) -> float:
+    """Asserts ``max|ours - exact| <= factor * max|plain - exact| + rel * max|exact|``."""
+    scale = float(exact.detach().double().abs().max()) if exact.numel() else 0.0
+    bound = factor * max_error(plain, exact) + rel * scale
+    err = max_error(ours, exact)
+    if not err <= bound:
+        raise AssertionError(
+            f"{name}: error {err:.3e} > bound {bound:.3e} "
+            f"(plain fp32 {max_error(plain, exact):.3e})"
+        )
+    return err
