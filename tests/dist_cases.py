@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -65,6 +67,85 @@ def raises_on_bad_input(rank, n, bad_rank, kind, backend):
         mask = torch.ones(4, 3)
     palmtree.clip_loss(i, t, torch.tensor(2.0), text_mask=mask, backend=backend)
     return "no error"
+
+
+def _bad_call(kind, i, t, kw):
+    """Turns one rank's good call into the bad call ``kind``: ``(i, t, kwargs)``."""
+    kw = dict(kw)
+    if kind in ("precision", "scale_cap", "chunk_size", "logit_scale_max", "backend"):
+        kw[kind] = {
+            "precision": "fp8",
+            "scale_cap": "soft",
+            "chunk_size": -1,
+            "logit_scale_max": float("nan"),
+            "backend": "magic",
+        }[kind]
+    elif kind == "other_backend":
+        kw["backend"] = "reference"
+    elif kind == "meta_features":
+        i, t = i.to("meta"), t.to("meta")
+    elif kind == "meta_scale":
+        kw["logit_scale"] = torch.tensor(2.0, device="meta")
+    elif kind == "other_scale":
+        kw["logit_scale"] = torch.tensor(2.5)
+    elif kind == "other_cap":
+        kw["logit_scale_max"] = 50.0
+    elif kind == "text_dtype":
+        t = t.double()
+    elif kind == "int_mask":
+        t = t[:, None, :].expand(-1, 2, -1).clone()
+        kw["text_mask"] = torch.tensor([[1, 2]] * len(t))
+    return i, t, kw
+
+
+def raises_on_bad_option(rank, n, bad_rank, kind):
+    """Rank ``bad_rank`` passes a bad or mismatched option; the rest pass good ones."""
+    img, txt = make_pairs(4 * n, 8, seed=3)
+    i, t = img[4 * rank : 4 * rank + 4].clone(), txt[4 * rank : 4 * rank + 4].clone()
+    kw = {"logit_scale": torch.tensor(2.0), "backend": "chunked"}
+    if rank == bad_rank:
+        i, t, kw = _bad_call(kind, i, t, kw)
+    fused_off = rank == bad_rank and kind == "fused_cannot_run"
+    if fused_off:  # as on a machine without CUDA or Triton
+        kw["backend"] = "fused"
+        os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        palmtree.clip_loss(i, t, kw.pop("logit_scale"), **kw)
+    finally:
+        if fused_off:
+            os.environ["TRITON_INTERPRET"] = "1"
+    return "no error"
+
+
+def outside_the_group(rank, n):
+    """Ranks 0 and 1 form a group; rank 2 wrongly calls the loss with it."""
+    group = dist.new_group([0, 1])
+    img, txt = make_pairs(8, 8, seed=4)
+    if rank == 3:
+        return "not called"
+    out = palmtree.clip_loss(
+        img[4 * rank : 4 * rank + 4],
+        txt[4 * rank : 4 * rank + 4],
+        torch.tensor(2.0),
+        group=group,
+        backend="chunked",
+    )
+    return out.b_global
+
+
+def padded_tokens_do_not_matter(rank, n):
+    """Padded positions holding NaN and inf give the loss of padded positions holding 0."""
+    img, txt = make_pairs(3 * n, 8, seed=5)
+    i, t = img[3 * rank : 3 * rank + 3], txt[3 * rank : 3 * rank + 3]
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]])
+    clean = (t[:, None, :] * torch.arange(1.0, 5.0)[None, :, None]) * mask[:, :, None]
+    dirty = clean.clone()
+    dirty[mask == 0] = float("nan")
+    dirty[1, 3] = float("inf")
+    return [
+        float(palmtree.clip_loss(i, x, torch.tensor(2.0), text_mask=mask, backend="chunked").loss)
+        for x in (dirty, clean)
+    ]
 
 
 def empty_world(rank, n, backend):

@@ -16,7 +16,10 @@ from dist_cases import (
     ddp_gradients,
     empty_world,
     loss_and_grads,
+    outside_the_group,
+    padded_tokens_do_not_matter,
     raises_on_bad_input,
+    raises_on_bad_option,
     subgroup_loss,
     tower_batch,
 )
@@ -143,6 +146,56 @@ def test_bad_input_raises_on_every_rank(world, kind):
         assert words in r.message
         if kind in ("nan", "local_dim", "empty_mask") and n > 1:
             assert f"rank {bad}" in r.message
+
+
+OPTION_ERRORS = {
+    "precision": "precision must be one of",
+    "scale_cap": "scale_cap must be one of",
+    "chunk_size": "chunk_size must be None or an integer >= 1, got -1",
+    "logit_scale_max": "logit_scale_max must be a number > 0",
+    "backend": "backend must be one of",
+    "fused_cannot_run": "backend='fused' cannot run here",
+    "meta_features": "meta device",
+    "meta_scale": "logit_scale is on the meta device",
+    "int_mask": "text_mask must hold only 0 and 1",
+    "other_backend": "backend differs across ranks (rank 0: chunked",
+    "other_scale": "logit_scale differs across ranks (rank 0: 2.0",
+    "other_cap": "logit_scale_max differs across ranks (rank 0: 100.0",
+    "text_dtype": "text feature dtype differs across ranks",
+}
+
+
+@pytest.mark.parametrize("kind", OPTION_ERRORS)
+def test_one_bad_option_raises_the_same_error_on_every_rank(world, kind):
+    """Bad option values on one rank, and options the ranks must share but do not: one
+    message on every rank, naming the rank, never a hang or a silently wrong loss."""
+    n = world.size
+    mismatch = "differs across ranks" in OPTION_ERRORS[kind]
+    if n == 1 and mismatch:
+        pytest.skip("a cross-rank mismatch needs two ranks")
+    bad = n - 1
+    results = world.run(raises_on_bad_option, bad, kind, expect_raise=True)
+    messages = {r.message for r in results if hasattr(r, "message")}
+    assert len(messages) == 1, results  # the same error everywhere
+    for r in results:
+        assert r.type == "ClipLossInputError", r
+        assert OPTION_ERRORS[kind] in r.message
+        if n > 1:
+            assert f"rank {bad}" in r.message
+
+
+def test_a_rank_outside_the_group_is_told_so(world):
+    if world.size != 4:
+        pytest.skip("a group of two ranks out of four")
+    results = world.run(outside_the_group, expect_raise=True)
+    assert results[0] == results[1] == 8 and results[3] == "not called"
+    assert results[2].type == "ClipLossInputError"
+    assert "global rank 2 is not a member" in results[2].message.replace("(", "").replace(")", "")
+
+
+def test_nan_in_padded_token_positions_does_not_matter(world):
+    for dirty, clean in world.run(padded_tokens_do_not_matter):
+        assert dirty == clean
 
 
 def test_empty_global_batch_is_an_error(world):

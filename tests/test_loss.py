@@ -384,3 +384,32 @@ def test_the_reference_backend_gives_exact_second_derivatives():
     plain = penalty_grad(torch.float32)
     ours = penalty_grad(torch.float32, "reference")
     testing.check_tensor("penalty gradient", ours, plain, exact)
+
+
+def test_auto_is_chunked_until_a_card_is_measured():
+    assert palmtree.backends.FUSED_BY_DEFAULT == ()
+    assert resolve_backend("auto", torch.device("cpu")) == "chunked"
+
+
+@pytest.mark.skipif(not FUSED_HERE, reason="needs Triton (its interpreter on a CPU)")
+def test_auto_falls_back_to_chunked_when_triton_fails(monkeypatch):
+    """Simulated: auto picks fused, and its kernels fail to compile. One warning quoting
+    the error, then chunked, for this call and the next; the result is chunked's."""
+    from palmtree.backends import FusedOrChunked
+    from palmtree.backends.fused import FusedKernels
+
+    def broken(self, *args):
+        raise RuntimeError("ptxas fatal: simulated failure")
+
+    monkeypatch.setattr(palmtree.backends, "_fused_by_default", lambda device: True)
+    monkeypatch.setattr(FusedKernels, "forward", broken)
+    monkeypatch.setattr(FusedOrChunked, "failure", None)
+    img, txt = make_pairs(12, 8, seed=14)
+    with pytest.warns(RuntimeWarning, match="ptxas fatal: simulated failure") as caught:
+        first = run(img, txt, backend="auto")
+        again = run(img, txt, backend="auto")
+    assert len(caught) == 1
+    want = run(img, txt, backend="chunked")
+    for ours in (first, again):
+        assert float(ours[0].loss) == float(want[0].loss)
+        assert torch.equal(ours[1], want[1])

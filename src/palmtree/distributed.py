@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,23 +82,69 @@ class Layout:
         )
 
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+@dataclass(frozen=True)
+class Agreed:
+    """A value every rank must pass identically: an int64 code and how to show one.
+
+    ``choice`` covers names from a fixed tuple (backends, dtypes, modes); ``number`` a
+    float, compared bit for bit (ranks hold the same parameters, so the same bits).
+    """
+
+    name: str
+    code: int
+    show: Callable[[int], str]
+
+    @classmethod
+    def choice(cls, name: str, value, choices: tuple) -> Agreed:
+        code = choices.index(value) if value in choices else -1
+        return cls(name, code, lambda c: str(choices[c]) if 0 <= c < len(choices) else "?")
+
+    @classmethod
+    def number(cls, name: str, value: float) -> Agreed:
+        return cls(name, _float_bits(value), lambda c: repr(_bits_float(c)))
+
+
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _bits_float(c: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", c))[0]
+
+
+def _exchange_device(group, preferred: torch.device) -> torch.device:
+    """Where the small exchange tensor lives: NCCL needs CUDA, gloo takes CPU."""
+    if "nccl" in str(dist.get_backend(group)).lower():
+        if preferred.type == "cuda":
+            return preferred
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_membership(group) -> None:
+    """Raises on a process that calls the loss with a ``group`` it is not a member of."""
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_rank(group) < 0:
+        raise ClipLossInputError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the group it "
+            "passed; only the group's ranks may compute its loss"
+        )
 
 
 def exchange_layout(
     b_local: int,
-    dim: int,
-    dtype: torch.dtype,
+    agreed: list[Agreed],
     device: torch.device,
     local_error: str | None,
     group=None,
 ) -> Layout:
     """Agrees on the batch layout and validates inputs on every rank at once.
 
-    One small all-gather carries each rank's batch size, feature dim, dtype and
-    whether it found a problem in its own inputs. Every rank then raises the same
-    :class:`ClipLossInputError` (instead of one rank raising and the rest hanging
-    in the next collective).
+    One small all-gather carries each rank's batch size, whether it found a problem in
+    its own inputs, and the codes of everything the ranks must agree on (``agreed``).
+    Every rank then raises the same :class:`ClipLossInputError`, naming the rank(s) at
+    fault, instead of one rank raising and the rest hanging in the next collective.
     """
     rank, world_size = world(group)
     if world_size == 1:
@@ -104,31 +152,30 @@ def exchange_layout(
             raise ClipLossInputError(local_error)
         return Layout(0, 1, (b_local,), group)
 
+    width = 2 + len(agreed)
     meta = torch.tensor(
-        [b_local, dim, _DTYPE_CODES.get(dtype, -1), int(local_error is not None)],
-        dtype=torch.int64,
-        device=device,
+        [b_local, int(local_error is not None), *(a.code for a in agreed)], dtype=torch.int64
     )
-    gathered = torch.empty(world_size * 4, dtype=torch.int64, device=device)
-    _all_gather(gathered, meta, group=group)
-    rows = gathered.view(world_size, 4).tolist()
+    device = _exchange_device(group, device)
+    gathered = torch.empty(world_size * width, dtype=torch.int64, device=device)
+    _all_gather(gathered, meta.to(device), group=group)
+    rows = gathered.view(world_size, width).tolist()
 
-    if any(row[3] for row in rows):
+    if any(row[1] for row in rows):
         # Rare path: fetch the actual messages so every rank can report them.
         messages: list[str | None] = [None] * world_size
         dist.all_gather_object(messages, local_error, group=group)
         text = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
         raise ClipLossInputError(text)
 
-    dims = [row[1] for row in rows]
-    if len(set(dims)) > 1:
-        listing = ", ".join(f"rank {r}: {d}" for r, d in enumerate(dims))
-        raise ClipLossInputError(f"feature dim differs across ranks ({listing})")
-    codes = [row[2] for row in rows]
-    if len(set(codes)) > 1:
-        names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
-        listing = ", ".join(f"rank {r}: {names.get(c, 'other')}" for r, c in enumerate(codes))
-        raise ClipLossInputError(f"feature dtype differs across ranks ({listing})")
+    mismatches = []
+    for k, field in enumerate(agreed, start=2):
+        codes = [row[k] for row in rows]
+        if len(set(codes)) > 1:
+            listing = ", ".join(f"rank {r}: {field.show(c)}" for r, c in enumerate(codes))
+            mismatches.append(f"{field.name} differs across ranks ({listing})")
+    if mismatches:
+        raise ClipLossInputError("; ".join(mismatches))
     return Layout(rank, world_size, tuple(row[0] for row in rows), group)
 
 

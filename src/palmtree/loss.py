@@ -8,15 +8,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backends import get_kernels, resolve_backend
+from .backends import backend_problem, get_kernels, resolve_backend
 from .backends.reference import reference_loss
-from .distributed import ClipLossInputError, Layout, exchange_layout
+from .distributed import ClipLossInputError, Layout, check_membership, exchange_layout
+from .options import SCALE_CAPS, LossOptions, agreed_fields, finite_problem, input_problem
 from .pooling import masked_mean_pool_fp32
 from .precision import resolve_precision
 from .protocol import PassOptions, SinglePassLoss
 
 NORM_EPS = 1e-6
-SCALE_CAPS = ("clamp", "straight_through")
 
 
 @dataclass
@@ -66,7 +66,7 @@ def capped_scale(logit_scale: torch.Tensor, cap: float, mode: str = "clamp") -> 
     """
     if mode not in SCALE_CAPS:
         raise ValueError(f"scale_cap must be one of {SCALE_CAPS}, got {mode!r}")
-    x = logit_scale.float()
+    x = torch.as_tensor(logit_scale).float()
     if mode == "straight_through":
         return _StraightThroughCap.apply(x, cap)
     # exp() of an argument held just above log(cap): the value still reaches the cap and
@@ -88,61 +88,6 @@ class _StraightThroughCap(torch.autograd.Function):
         # exp(x) in float64: finite far beyond fp32's range; a zero upstream stays 0.
         slope = torch.where(grad == 0, 0.0, grad.double() * x.double().exp())
         return slope.to(grad.dtype), None
-
-
-def _check_local(image_features, text_features, text_mask, logit_scale) -> str | None:
-    """Problems in this rank's inputs, as a message (raised later on every rank)."""
-    for name, x in (("image_features", image_features), ("text_features", text_features)):
-        if not isinstance(x, torch.Tensor):
-            return f"{name} must be a tensor, got {type(x).__name__}"
-        if not x.is_floating_point():
-            return f"{name} must be a floating-point tensor, got {x.dtype}"
-    if image_features.dim() != 2:
-        return f"image_features must be [b, D], got shape {tuple(image_features.shape)}"
-    if text_features.dim() not in (2, 3):
-        return (
-            "text_features must be pooled [b, D] or token latents [b, L, D], got shape "
-            f"{tuple(text_features.shape)}"
-        )
-    if text_features.device != image_features.device:
-        return (
-            f"image_features are on {image_features.device} but text_features are on "
-            f"{text_features.device}"
-        )
-    if text_features.dim() == 3 and text_mask is None:
-        return (
-            "text_features are token latents [b, L, D] but text_mask is None; pass the "
-            "padding mask ([b, L], 1 = real token), or torch.ones(b, L) if nothing is padded"
-        )
-    if text_features.dim() == 2 and text_mask is not None:
-        return "text_mask was given but text_features are already pooled [b, D]"
-    if image_features.shape[0] != text_features.shape[0]:
-        return (
-            f"batch sizes differ: {image_features.shape[0]} images but "
-            f"{text_features.shape[0]} texts"
-        )
-    di, dt = image_features.shape[-1], text_features.shape[-1]
-    if di != dt:
-        return (
-            f"image feature dim {di} != text feature dim {dt}; project one side first "
-            f"(ClipLoss(image_dim={di}, text_dim={dt}, embed_dim=...) does that)"
-        )
-    if logit_scale.numel() != 1:
-        return f"logit_scale must hold one value, got shape {tuple(logit_scale.shape)}"
-    return None
-
-
-def _finite_error(image_features, text_features, logit_scale) -> str | None:
-    checks = torch.stack(
-        [
-            torch.isfinite(image_features).all(),
-            torch.isfinite(text_features).all(),
-            torch.isfinite(logit_scale).all(),
-        ]
-    ).tolist()
-    names = ("image_features", "text_features", "logit_scale")
-    bad = [n for n, ok in zip(names, checks, strict=True) if not ok]
-    return f"non-finite values (nan or inf) in {', '.join(bad)}" if bad else None
 
 
 def clip_loss(
@@ -171,13 +116,14 @@ def clip_loss(
         text_mask: ``[b, L]``, 1 for real tokens; required with token latents.
         group: process group whose ranks share negatives (default: the default group;
             no process group at all means one rank).
-        backend: ``"auto"`` (fused on CUDA with Triton, else chunked), ``"reference"``,
+        backend: ``"auto"`` (``chunked``; ``fused`` only on CUDA cards where it has been
+            measured, see :data:`palmtree.backends.FUSED_BY_DEFAULT`), ``"reference"``,
             ``"chunked"`` or ``"fused"``. All give the same loss and gradients.
         precision: matmul operand precision ``"ieee" | "tf32" | "bf16"``; ``None``
             follows ``torch.get_float32_matmul_precision()``. Statistics and
             accumulators are fp32 in every mode.
         chunk_size: columns per chunk for ``chunked`` (``None``: from a memory budget).
-        logit_scale_max: the temperature cap (100 as in CLIP).
+        logit_scale_max: the temperature cap (100 as in CLIP; ``inf`` for none).
         scale_cap: ``"clamp"`` or ``"straight_through"``; see :func:`capped_scale`.
         normalize: L2-normalise the features (fp32, eps 1e-6). ``False`` takes them
             as given, as open_clip's loss does.
@@ -188,13 +134,10 @@ def clip_loss(
         rank must call this (and backpropagate ``loss``) the same number of times.
 
     Raises:
-        ClipLossInputError: on every rank, naming the rank(s) whose input is bad.
+        ClipLossInputError: on every rank, naming the rank(s) whose input or options are
+            bad or differ from the others' (docs/design.md lists what is checked).
     """
-    return _clip_loss(
-        image_features,
-        text_features,
-        logit_scale,
-        text_mask=text_mask,
+    opts = LossOptions(
         group=group,
         backend=backend,
         precision=precision,
@@ -204,67 +147,71 @@ def clip_loss(
         normalize=normalize,
         check_finite=check_finite,
     )
+    return clip_loss_with(opts, image_features, text_features, logit_scale, text_mask)
 
 
-def _clip_loss(
+def clip_loss_with(
+    opts: LossOptions,
     image_features,
     text_features,
     logit_scale,
+    text_mask=None,
     *,
-    text_mask,
-    group,
-    backend,
-    precision,
-    chunk_size,
-    logit_scale_max,
-    scale_cap,
-    normalize,
-    check_finite,
     local_error: str | None = None,
 ) -> ClipLossOutput:
-    """:func:`clip_loss` plus a problem the caller found in this rank's input already."""
-    valid = isinstance(image_features, torch.Tensor) and image_features.dim() == 2
-    device = image_features.device if valid else torch.device("cpu")
-    if not isinstance(logit_scale, torch.Tensor):
-        logit_scale = torch.tensor(float(logit_scale), device=device)
-    if scale_cap not in SCALE_CAPS:
-        raise ValueError(f"scale_cap must be one of {SCALE_CAPS}, got {scale_cap!r}")
-    name = resolve_backend(backend, device)
-    mode = resolve_precision(precision)
+    """:func:`clip_loss` with its options as one record, plus a problem the caller (a
+    module wrapping the loss) found in this rank's input already."""
+    check_membership(opts.group)
+    device = _device_of(image_features, text_features)
+    local_error = (
+        local_error
+        or opts.problem()
+        or input_problem(image_features, text_features, text_mask, logit_scale)
+        or backend_problem(opts.backend, device)
+    )
+    name = mode = None
+    if local_error is None:
+        name = resolve_backend(opts.backend, device)
+        mode = resolve_precision(opts.precision)
+        if not isinstance(logit_scale, torch.Tensor):
+            logit_scale = torch.tensor(float(logit_scale), device=device)
+    b_local = image_features.shape[0] if local_error is None else 0
 
     # Everything numeric below is fp32 whatever autocast says (pooling included).
     with torch.autocast(device.type, enabled=False):
-        local_error = local_error or _check_local(
-            image_features, text_features, text_mask, logit_scale
-        )
         if local_error is None and text_features.dim() == 3:
             try:
                 text_features = masked_mean_pool_fp32(text_features, text_mask)
             except ValueError as exc:
                 local_error = str(exc)
-        if local_error is None and check_finite:
-            local_error = _finite_error(image_features, text_features, logit_scale)
-
-        layout = exchange_layout(
-            image_features.shape[0] if valid else 0,
-            image_features.shape[-1] if valid else -1,
-            image_features.dtype if valid else torch.float32,
-            device,
-            local_error,
-            group,
-        )
+        if local_error is None and opts.check_finite:
+            local_error = finite_problem(image_features, text_features, logit_scale)
+        scale_value = float(logit_scale.detach()) if local_error is None else math.nan
+        agreed = agreed_fields(opts, name, mode, image_features, text_features, scale_value)
+        layout = exchange_layout(b_local, agreed, device, local_error, opts.group)
         if layout.b_global == 0:
             raise ClipLossInputError("the global batch is empty: every rank passed 0 pairs")
 
-        scale = capped_scale(logit_scale, logit_scale_max, scale_cap)
+        scale = capped_scale(logit_scale, opts.logit_scale_max, opts.scale_cap)
         if name == "reference":
             loss, sums = reference_loss(
-                image_features, text_features, scale, layout, mode, normalize, NORM_EPS
+                image_features, text_features, scale, layout, mode, opts.normalize, NORM_EPS
             )
         else:
-            opts = PassOptions(get_kernels(name), layout, mode, chunk_size, normalize, NORM_EPS)
-            loss, sums = SinglePassLoss.apply(image_features, text_features, scale, opts)
+            kernels = get_kernels(name, fallback=opts.backend == "auto")
+            pass_opts = PassOptions(
+                kernels, layout, mode, opts.chunk_size, opts.normalize, NORM_EPS
+            )
+            loss, sums = SinglePassLoss.apply(image_features, text_features, scale, pass_opts)
     return _output(loss, sums, scale, layout)
+
+
+def _device_of(*tensors) -> torch.device:
+    """The first real device among the tensors (CPU when there is none)."""
+    for x in tensors:
+        if isinstance(x, torch.Tensor) and not x.is_meta:
+            return x.device
+    return torch.device("cpu")
 
 
 def _output(loss, sums, scale, layout: Layout) -> ClipLossOutput:
@@ -308,15 +255,16 @@ class ClipLoss(nn.Module):
         group=None,
     ):
         super().__init__()
-        if scale_cap not in SCALE_CAPS:
-            raise ValueError(f"scale_cap must be one of {SCALE_CAPS}, got {scale_cap!r}")
+        #: The loss's options (:class:`palmtree.options.LossOptions`), checked here.
+        self.options = LossOptions(
+            group=group,
+            backend=backend,
+            precision=precision,
+            chunk_size=chunk_size,
+            logit_scale_max=logit_scale_max,
+            scale_cap=scale_cap,
+        ).validated()
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-        self.logit_scale_max = logit_scale_max
-        self.scale_cap = scale_cap
-        self.backend = backend
-        self.precision = precision
-        self.chunk_size = chunk_size
-        self.group = group
         dims = (image_dim, text_dim)
         if any(d is not None for d in dims) and embed_dim is None:
             if image_dim is None or text_dim is None or image_dim != text_dim:
@@ -361,25 +309,19 @@ class ClipLoss(nn.Module):
                 image_features = self.image_proj(image_features)
             if self.text_proj is not None:
                 text_features = self.text_proj(text_features)
-        return _clip_loss(
+        return clip_loss_with(
+            self.options,
             image_features,
             text_features,
             self.logit_scale,
-            text_mask=text_mask,
-            group=self.group,
-            backend=self.backend,
-            precision=self.precision,
-            chunk_size=self.chunk_size,
-            logit_scale_max=self.logit_scale_max,
-            scale_cap=self.scale_cap,
-            normalize=True,
-            check_finite=True,
+            text_mask,
             local_error=error,
         )
 
     def extra_repr(self) -> str:
+        o = self.options
         return (
             f"image_dim={self.image_dim}, text_dim={self.text_dim}, embed_dim={self.embed_dim}, "
-            f"logit_scale_max={self.logit_scale_max}, scale_cap={self.scale_cap!r}, "
-            f"backend={self.backend!r}"
+            f"logit_scale_max={o.logit_scale_max}, scale_cap={o.scale_cap!r}, "
+            f"backend={o.backend!r}"
         )

@@ -1,6 +1,6 @@
 """The single-pass distributed protocol shared by the ``chunked`` and ``fused`` backends.
 
-Per rank ``r`` with unit image rows ``U_r`` and unit text rows ``V_r`` (DESIGN.md §1-2):
+Per rank ``r`` with unit image rows ``U_r`` and unit text rows ``V_r`` (docs/design.md §1-2):
 
 forward
   1. all-gather the texts: ``V_all`` (``B x D``); images never leave the rank;

@@ -52,13 +52,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 
 import torch
 from torch import nn
 
 from ..distributed import world
-from ..loss import ClipLossOutput, _clip_loss
+from ..loss import ClipLossOutput, clip_loss_with
+from ..options import LossOptions
 
 #: (local_loss, gather_with_grad) combinations already warned about in this process.
 _WARNED: set[tuple[bool, bool]] = set()
@@ -136,11 +138,16 @@ class ClipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.use_horovod = use_horovod
-        self.group = group
-        self.backend = backend
-        self.precision = precision
-        self.chunk_size = chunk_size
-        self.check_finite = check_finite
+        # open_clip's loss takes exp'd, uncapped scales and features it normalised itself.
+        self.options = LossOptions(
+            group=group,
+            backend=backend,
+            precision=precision,
+            chunk_size=chunk_size,
+            logit_scale_max=math.inf,
+            normalize=False,
+            check_finite=check_finite,
+        ).validated()
         self.last_output: ClipLossOutput | None = None
 
     def _world_error(self, rank: int, world_size: int) -> str | None:
@@ -185,29 +192,20 @@ class ClipLoss(nn.Module):
                 "logit_bias is not supported: it belongs to SigLIP's sigmoid loss "
                 "(open_clip's SigLipLoss), and this is the softmax CLIP loss"
             )
-        rank, world_size = world(self.group)
+        rank, world_size = world(self.options.group)
         error = error or self._world_error(rank, world_size)
         if error is None:
             self._warn_flags(world_size)
-        if not isinstance(logit_scale, torch.Tensor):
-            logit_scale = torch.tensor(float(logit_scale), device=image_features.device)
-        out = _clip_loss(
-            image_features,
-            text_features,
-            torch.log(logit_scale.float()),
-            text_mask=None,
-            group=self.group,
-            backend=self.backend,
-            precision=self.precision,
-            chunk_size=self.chunk_size,
-            logit_scale_max=math.inf,
-            scale_cap="clamp",
-            normalize=False,
-            check_finite=self.check_finite,
-            local_error=error,
+        if isinstance(logit_scale, torch.Tensor) and logit_scale.is_floating_point():
+            logit_scale = torch.log(logit_scale.float())
+        elif isinstance(logit_scale, numbers.Real):
+            logit_scale = math.log(logit_scale) if logit_scale > 0 else -math.inf
+        out = clip_loss_with(
+            self.options, image_features, text_features, logit_scale, local_error=error
         )
         self.last_output = dataclasses.replace(out, loss=out.loss.detach())
         return {"contrastive_loss": out.loss} if output_dict else out.loss
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}, precision={self.precision!r} (exact global loss)"
+        o = self.options
+        return f"backend={o.backend!r}, precision={o.precision!r} (exact global loss)"
