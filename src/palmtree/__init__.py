@@ -5,8 +5,9 @@ global batch, the loss and gradients of one process on the whole global batch.
 """
 
 from .distributed import ClipLossInputError
-from .loss import ClipLoss, ClipLossOutput, capped_scale, clip_loss
+from .loss import ClipLoss, ClipLossOutput, clip_loss
 from .pooling import masked_mean_pool
+from .scale import capped_scale
 
 __all__ = [
     "ClipLoss",

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backends import backend_problem, get_kernels, resolve_backend
+from .backends import get_kernels
 from .backends.reference import reference_loss
-from .distributed import ClipLossInputError, Layout, check_membership, exchange_layout
-from .options import SCALE_CAPS, LossOptions, agreed_fields, finite_problem, input_problem
-from .pooling import masked_mean_pool_fp32
-from .precision import resolve_precision
+from .call import prepare
+from .distributed import Layout
+from .options import LossOptions
 from .protocol import PassOptions, SinglePassLoss
 
 NORM_EPS = 1e-6
@@ -52,42 +51,6 @@ class ClipLossOutput:
             logit_scale=float(self.logit_scale), b_local=self.b_local, b_global=self.b_global
         )
         return out
-
-
-def capped_scale(logit_scale: torch.Tensor, cap: float, mode: str = "clamp") -> torch.Tensor:
-    """``min(exp(logit_scale), cap)`` in fp32.
-
-    ``"clamp"``: above the cap the temperature gets no gradient (the original CLIP
-    behaviour; pair it with clamping the parameter after each step, as open_clip does).
-    ``"straight_through"``: the value is capped but the gradient is that of ``exp``, so
-    the optimiser can still pull a parameter that drifted above the cap back down.
-    Neither mode turns a huge ``logit_scale`` (``exp`` overflows fp32 above ~88.7) into
-    a NaN value or gradient.
-    """
-    if mode not in SCALE_CAPS:
-        raise ValueError(f"scale_cap must be one of {SCALE_CAPS}, got {mode!r}")
-    x = torch.as_tensor(logit_scale).float()
-    if mode == "straight_through":
-        return _StraightThroughCap.apply(x, cap)
-    # exp() of an argument held just above log(cap): the value still reaches the cap and
-    # the clamp's zero gradient never meets an infinite exp' (0 * inf is NaN).
-    return x.clamp(max=min(math.log(cap) + 1.0, 88.0)).exp().clamp(max=cap)
-
-
-class _StraightThroughCap(torch.autograd.Function):
-    """``min(exp(x), cap)`` whose gradient is ``exp(x)``'s, uncapped."""
-
-    @staticmethod
-    def forward(ctx, x, cap):
-        ctx.save_for_backward(x)
-        return x.clamp(max=min(math.log(cap) + 1.0, 88.0)).exp().clamp(max=cap)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        # exp(x) in float64: finite far beyond fp32's range; a zero upstream stays 0.
-        slope = torch.where(grad == 0, 0.0, grad.double() * x.double().exp())
-        return slope.to(grad.dtype), None
 
 
 def clip_loss(
@@ -161,57 +124,27 @@ def clip_loss_with(
 ) -> ClipLossOutput:
     """:func:`clip_loss` with its options as one record, plus a problem the caller (a
     module wrapping the loss) found in this rank's input already."""
-    check_membership(opts.group)
-    device = _device_of(image_features, text_features)
-    local_error = (
-        local_error
-        or opts.problem()
-        or input_problem(image_features, text_features, text_mask, logit_scale)
-        or backend_problem(opts.backend, device)
+    call = prepare(
+        "clip", opts, image_features, text_features, logit_scale, text_mask, None, local_error
     )
-    name = mode = None
-    if local_error is None:
-        name = resolve_backend(opts.backend, device)
-        mode = resolve_precision(opts.precision)
-        if not isinstance(logit_scale, torch.Tensor):
-            logit_scale = torch.tensor(float(logit_scale), device=device)
-    b_local = image_features.shape[0] if local_error is None else 0
-
-    # Everything numeric below is fp32 whatever autocast says (pooling included).
-    with torch.autocast(device.type, enabled=False):
-        if local_error is None and text_features.dim() == 3:
-            try:
-                text_features = masked_mean_pool_fp32(text_features, text_mask)
-            except ValueError as exc:
-                local_error = str(exc)
-        if local_error is None and opts.check_finite:
-            local_error = finite_problem(image_features, text_features, logit_scale)
-        scale_value = float(logit_scale.detach()) if local_error is None else math.nan
-        agreed = agreed_fields(opts, name, mode, image_features, text_features, scale_value)
-        layout = exchange_layout(b_local, agreed, device, local_error, opts.group)
-        if layout.b_global == 0:
-            raise ClipLossInputError("the global batch is empty: every rank passed 0 pairs")
-
-        scale = capped_scale(logit_scale, opts.logit_scale_max, opts.scale_cap)
-        if name == "reference":
+    with torch.autocast(call.device.type, enabled=False):
+        if call.backend == "reference":
             loss, sums = reference_loss(
-                image_features, text_features, scale, layout, mode, opts.normalize, NORM_EPS
+                call.image,
+                call.text,
+                call.scale,
+                call.layout,
+                call.precision,
+                opts.normalize,
+                NORM_EPS,
             )
         else:
-            kernels = get_kernels(name, fallback=opts.backend == "auto")
-            pass_opts = PassOptions(
-                kernels, layout, mode, opts.chunk_size, opts.normalize, NORM_EPS
+            kernels = get_kernels(call.backend, fallback=opts.backend == "auto")
+            how = PassOptions(
+                kernels, call.layout, call.precision, opts.chunk_size, opts.normalize, NORM_EPS
             )
-            loss, sums = SinglePassLoss.apply(image_features, text_features, scale, pass_opts)
-    return _output(loss, sums, scale, layout)
-
-
-def _device_of(*tensors) -> torch.device:
-    """The first real device among the tensors (CPU when there is none)."""
-    for x in tensors:
-        if isinstance(x, torch.Tensor) and not x.is_meta:
-            return x.device
-    return torch.device("cpu")
+            loss, sums = SinglePassLoss.apply(call.image, call.text, call.scale, how)
+    return _output(loss, sums, call.scale, call.layout)
 
 
 def _output(loss, sums, scale, layout: Layout) -> ClipLossOutput:

@@ -17,8 +17,10 @@ import torch
 from .backends import BACKENDS
 from .backends.base import PRECISIONS
 from .distributed import Agreed
+from .scale import SCALE_CAPS
 
-SCALE_CAPS = ("clamp", "straight_through")
+LOSSES = ("clip", "siglip")
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -126,22 +128,36 @@ def scale_problem(logit_scale, device: torch.device) -> str | None:
     return None
 
 
-def finite_problem(image, text, logit_scale) -> str | None:
+def finite_problem(image, text, logit_scale, logit_bias) -> str | None:
     checks = torch.stack(
-        [torch.isfinite(image).all(), torch.isfinite(text).all(), torch.isfinite(logit_scale)]
+        [
+            torch.isfinite(image).all(),
+            torch.isfinite(text).all(),
+            torch.isfinite(logit_scale).all(),
+            torch.isfinite(logit_bias).all(),
+        ]
     ).tolist()
-    names = ("image_features", "text_features", "logit_scale")
+    names = ("image_features", "text_features", "logit_scale", "logit_bias")
     bad = [n for n, ok in zip(names, checks, strict=True) if not ok]
     return f"non-finite values (nan or inf) in {', '.join(bad)}" if bad else None
 
 
 def agreed_fields(
-    opts: LossOptions, backend: str, precision: str, image, text, logit_scale: float
+    opts: LossOptions,
+    loss: str,
+    backend: str,
+    precision: str,
+    image,
+    text,
+    logit_scale: float,
+    logit_bias: float,
 ) -> list[Agreed]:
-    """Everything the ranks must pass identically, for the one exchange."""
+    """Everything the ranks must pass identically, for the one exchange (the same fields
+    for every loss, so that ranks calling different losses learn so instead of hanging)."""
     dim = image.shape[-1] if isinstance(image, torch.Tensor) and image.dim() == 2 else -1
     cap = opts.logit_scale_max if _is_real(opts.logit_scale_max) else math.nan
     return [
+        Agreed.choice("loss", loss, LOSSES),
         Agreed("feature dim", dim, str),
         Agreed.choice("image feature dtype", getattr(image, "dtype", None), DTYPES),
         Agreed.choice("text feature dtype", getattr(text, "dtype", None), DTYPES),
@@ -150,5 +166,6 @@ def agreed_fields(
         Agreed.choice("scale_cap", opts.scale_cap, SCALE_CAPS),
         Agreed.number("logit_scale_max", cap),
         Agreed.number("logit_scale", logit_scale),
+        Agreed.number("logit_bias", logit_bias),
         Agreed.choice("normalize", opts.normalize, (False, True)),
     ]

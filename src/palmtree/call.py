@@ -1,0 +1,106 @@
+"""What every loss does before it computes: check, pool, agree across ranks.
+
+:func:`prepare` runs the same steps for :func:`palmtree.clip_loss` and
+:func:`palmtree.siglip_loss`: validate this rank's options and tensors, pool token
+latents, reject non-finite values, then one exchange in which every rank learns the
+batch layout and every rank's problems, and the ranks check that they agree on what
+must match. A problem anywhere raises the same :class:`~palmtree.ClipLossInputError` on
+every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .backends import backend_problem, resolve_backend
+from .distributed import ClipLossInputError, Layout, check_membership, exchange_layout
+from .options import LossOptions, agreed_fields, finite_problem, input_problem, scale_problem
+from .pooling import masked_mean_pool_fp32
+from .precision import resolve_precision
+from .scale import capped_scale
+
+
+@dataclass
+class Call:
+    """One rank's checked call: the layout, the (pooled) features, the fp32 capped scale,
+    the fp32 bias (``None`` for CLIP) and the backend and precision that run."""
+
+    layout: Layout
+    image: torch.Tensor
+    text: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+    backend: str
+    precision: str
+    device: torch.device
+
+
+def prepare(
+    loss: str,
+    opts: LossOptions,
+    image,
+    text,
+    logit_scale,
+    text_mask=None,
+    logit_bias=None,
+    local_error: str | None = None,
+) -> Call:
+    """Checks one rank's call of ``loss`` (``"clip"`` or ``"siglip"``) on every rank."""
+    check_membership(opts.group)
+    device = _device_of(image, text)
+    local_error = (
+        local_error
+        or opts.problem()
+        or input_problem(image, text, text_mask, logit_scale)
+        or (_bias_problem(logit_bias, device) if loss == "siglip" else None)
+        or backend_problem(opts.backend, device)
+    )
+    name = mode = None
+    if local_error is None:
+        name = resolve_backend(opts.backend, device)
+        mode = resolve_precision(opts.precision)
+        logit_scale = _as_tensor(logit_scale, device)
+        logit_bias = _as_tensor(0.0 if logit_bias is None else logit_bias, device)
+    b_local = image.shape[0] if local_error is None else 0
+
+    # Everything numeric is fp32 whatever autocast says (pooling included).
+    with torch.autocast(device.type, enabled=False):
+        if local_error is None and text.dim() == 3:
+            try:
+                text = masked_mean_pool_fp32(text, text_mask)
+            except ValueError as exc:
+                local_error = str(exc)
+        if local_error is None and opts.check_finite:
+            local_error = finite_problem(image, text, logit_scale, logit_bias)
+        values = (math.nan, math.nan)
+        if local_error is None:
+            values = float(logit_scale.detach()), float(logit_bias.detach())
+        agreed = agreed_fields(opts, loss, name, mode, image, text, *values)
+        layout = exchange_layout(b_local, agreed, device, local_error, opts.group)
+        if layout.b_global == 0:
+            raise ClipLossInputError("the global batch is empty: every rank passed 0 pairs")
+        scale = capped_scale(logit_scale, opts.logit_scale_max, opts.scale_cap)
+        bias = logit_bias.float() if loss == "siglip" else None
+    return Call(layout, image, text, scale, bias, name, mode, device)
+
+
+def _bias_problem(logit_bias, device) -> str | None:
+    if logit_bias is None:
+        return "logit_bias is required by the sigmoid loss (a tensor or a number)"
+    problem = scale_problem(logit_bias, device)
+    return problem.replace("logit_scale", "logit_bias") if problem else None
+
+
+def _as_tensor(x, device: torch.device) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.tensor(float(x), device=device)
+
+
+def _device_of(*tensors) -> torch.device:
+    """The first real device among the tensors (CPU when there is none)."""
+    for x in tensors:
+        if isinstance(x, torch.Tensor) and not x.is_meta:
+            return x.device
+    return torch.device("cpu")
