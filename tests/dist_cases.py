@@ -30,7 +30,27 @@ def loss_and_grads(rank, n, backend, precision, sizes, weights, dim, seed, log_s
     }
 
 
-def subgroup_loss(rank, n, backend, sizes):
+def siglip_loss_and_grads(rank, n, backend, sizes, weights, dim, seed, log_scale, bias, **kw):
+    """This rank's slice of the seeded global batch through ``siglip_loss`` and backward."""
+    img, txt = make_pairs(sum(sizes), dim, seed, kind=kw.pop("kind", "correlated"))
+    o, b = sum(sizes[:rank]), sizes[rank]
+    i = img[o : o + b].clone().requires_grad_()
+    t = txt[o : o + b].clone().requires_grad_()
+    ls = torch.tensor(log_scale, requires_grad=True)
+    lb = torch.tensor(bias, requires_grad=True)
+    out = palmtree.siglip_loss(i, t, ls, lb, backend=backend, precision="ieee", **kw)
+    (out.loss * weights[rank]).backward()
+    return {
+        "loss": out.loss.detach(),
+        "metrics": out.metrics(),
+        "d_img": i.grad,
+        "d_txt": t.grad,
+        "d_scale": ls.grad,
+        "d_bias": lb.grad,
+    }
+
+
+def subgroup_loss(rank, n, backend, sizes, loss="clip"):
     """Ranks {0, 1} and {2, 3} each form a group: negatives come only from one's group."""
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     mine = rank // 2
@@ -39,7 +59,11 @@ def subgroup_loss(rank, n, backend, sizes):
     o = sum(sizes[first:rank])
     i = img[o : o + sizes[rank]].clone().requires_grad_()
     t = txt[o : o + sizes[rank]].clone().requires_grad_()
-    out = palmtree.clip_loss(i, t, torch.tensor(2.0), group=groups[mine], backend=backend)
+    kw = dict(group=groups[mine], backend=backend)
+    if loss == "clip":
+        out = palmtree.clip_loss(i, t, torch.tensor(2.0), **kw)
+    else:
+        out = palmtree.siglip_loss(i, t, torch.tensor(2.0), torch.tensor(-3.0), **kw)
     out.loss.backward()
     return {"metrics": out.metrics(), "d_img": i.grad, "d_txt": t.grad}
 
@@ -110,7 +134,10 @@ def raises_on_bad_option(rank, n, bad_rank, kind):
         kw["backend"] = "fused"
         os.environ["TRITON_INTERPRET"] = "0"
     try:
-        palmtree.clip_loss(i, t, kw.pop("logit_scale"), **kw)
+        if rank == bad_rank and kind == "other_loss":
+            palmtree.siglip_loss(i, t, kw.pop("logit_scale"), 0.0, **kw)
+        else:
+            palmtree.clip_loss(i, t, kw.pop("logit_scale"), **kw)
     finally:
         if fused_off:
             os.environ["TRITON_INTERPRET"] = "1"
@@ -153,14 +180,15 @@ def empty_world(rank, n, backend):
 
 
 class TwoTower(nn.Module):
-    """Tiny image and text towers of different widths, joined by ClipLoss' projections."""
+    """Tiny image and text towers of different widths, joined by the loss' projections."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, loss="clip"):
         super().__init__()
         torch.manual_seed(0)
         self.image = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 10))
         self.text = nn.Sequential(nn.Embedding(20, 6), nn.Linear(6, 7))
-        self.loss = palmtree.ClipLoss(image_dim=10, text_dim=7, embed_dim=8, backend=backend)
+        kind = palmtree.ClipLoss if loss == "clip" else palmtree.SigLipLoss
+        self.loss = kind(image_dim=10, text_dim=7, embed_dim=8, backend=backend)
 
     def forward(self, pixels, tokens, mask):
         return self.loss(self.image(pixels), self.text(tokens), text_mask=mask)
@@ -175,11 +203,11 @@ def tower_batch(big, seed=5):
     return pixels, tokens, mask
 
 
-def ddp_gradients(rank, n, backend, sizes):
+def ddp_gradients(rank, n, backend, sizes, loss="clip"):
     """A DDP-wrapped two-tower model; returns its averaged parameter gradients."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(TwoTower(backend))
+    model = DDP(TwoTower(backend, loss))
     pixels, tokens, mask = tower_batch(sum(sizes))
     o, b = sum(sizes[:rank]), sizes[rank]
     out = model(pixels[o : o + b], tokens[o : o + b], mask[o : o + b])

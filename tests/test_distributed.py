@@ -20,11 +20,13 @@ from dist_cases import (
     padded_tokens_do_not_matter,
     raises_on_bad_input,
     raises_on_bad_option,
+    siglip_loss_and_grads,
     subgroup_loss,
     tower_batch,
 )
 from world import World
 
+import palmtree
 from palmtree import testing
 from palmtree.backends import triton_available
 
@@ -108,17 +110,22 @@ def test_scale_above_the_cap(world, backend, kind):
         assert float(r["d_scale"]) == 0.0  # clamp: no gradient above the cap
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_group_limits_the_negatives(world, backend):
+def test_group_limits_the_negatives(world, backend, loss):
     if world.size != 4:
         pytest.skip("two groups of two ranks")
     sizes = [3, 5, 4, 0]
-    results = world.run(subgroup_loss, backend, sizes)
+    results = world.run(subgroup_loss, backend, sizes, loss)
     for mine in (0, 1):
         part = sizes[2 * mine : 2 * mine + 2]
         img, txt = testing.make_pairs(sum(part), 8, seed=11 + mine)
-        exact = testing.reference(img, txt, 2.0, sizes=part)
-        plain = testing.plain_fp32(img, txt, 2.0, sizes=part)
+        if loss == "clip":
+            exact = testing.reference(img, txt, 2.0, sizes=part)
+            plain = testing.plain_fp32(img, txt, 2.0, sizes=part)
+        else:
+            exact = testing.siglip_reference(img, txt, 2.0, -3.0, sizes=part)
+            plain = testing.plain_fp32_siglip(img, txt, 2.0, -3.0, sizes=part)
         ranks = results[2 * mine : 2 * mine + 2]
         for r in ranks:
             assert r["metrics"]["b_global"] == sum(part)
@@ -162,6 +169,7 @@ OPTION_ERRORS = {
     "other_scale": "logit_scale differs across ranks (rank 0: 2.0",
     "other_cap": "logit_scale_max differs across ranks (rank 0: 100.0",
     "text_dtype": "text feature dtype differs across ranks",
+    "other_loss": "loss differs across ranks (rank 0: clip",
 }
 
 
@@ -203,15 +211,105 @@ def test_empty_global_batch_is_an_error(world):
         assert r.type == "ClipLossInputError" and "global batch is empty" in r.message
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
-def test_ddp_gradients_equal_single_process(world, backend):
+def test_ddp_gradients_equal_single_process(world, backend, loss):
+    """A DDP-wrapped two-tower model on uneven ranks against the same model in float64.
+
+    Weight matrices: within 2x the error of the single-process fp32 model. The scalar
+    parameters (temperature, bias): the single-process fp32 error plus twice the loss's
+    own derived bound at the towers' fp32 features (both runs share the towers' rounding
+    and differ only in the loss, each within that bound of the truth).
+    """
     n = world.size
     sizes = SPLITS[n][-1]
-    grads = world.run(ddp_gradients, backend, sizes)
-    model = TwoTower(backend)
-    pixels, tokens, mask = tower_batch(sum(sizes))
-    model(pixels, tokens, mask).loss.backward()
-    for name, p in model.named_parameters():
+    grads = world.run(ddp_gradients, backend, sizes, loss)
+    exact, plain, scalar_bounds = _tower_truth(backend, loss, sizes)
+    for name, want in exact.items():
         for rank, g in enumerate(grads):
-            err = float((g[name] - p.grad).norm() / p.grad.norm())
-            assert err <= 1e-5, f"{name} on rank {rank}: relative error {err:.2e}"
+            if want.numel() > 1:
+                testing.check_tensor(f"{name} on rank {rank}", g[name], plain[name], want)
+            else:
+                bound = testing.max_error(plain[name], want) + 2 * scalar_bounds[name]
+                testing.check_scalar(f"{name} on rank {rank}", g[name], want, bound)
+
+
+def _tower_truth(backend, loss, sizes):
+    """Gradients of the towers in float64 and in plain fp32 (one process), and the loss's
+    bounds on its scalar parameters' gradients at the fp32 features."""
+    pixels, tokens, mask = tower_batch(sum(sizes))
+    model = TwoTower(backend, loss)
+    model(pixels, tokens, mask).loss.backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    exact_model = TwoTower(backend, loss).double()
+    img = exact_model.loss.image_proj(exact_model.image(pixels.double()))
+    txt = palmtree.masked_mean_pool(exact_model.loss.text_proj(exact_model.text(tokens)), mask)
+    _float64_loss(loss, img, txt, exact_model.loss).backward()
+    exact = {name: p.grad for name, p in exact_model.named_parameters()}
+
+    with torch.no_grad():
+        img32 = model.loss.image_proj(model.image(pixels))
+        txt32 = palmtree.masked_mean_pool(model.loss.text_proj(model.text(tokens)), mask)
+    theta = float(model.loss.logit_scale.detach())
+    if loss == "clip":
+        ref = testing.reference(img32, txt32, theta)
+        bounds = {"loss.logit_scale": ref.d_scale_bound}
+    else:
+        ref = testing.siglip_reference(img32, txt32, theta, float(model.loss.logit_bias.detach()))
+        bounds = {"loss.logit_scale": ref.d_scale_bound, "loss.logit_bias": ref.d_bias_bound}
+    return exact, plain, bounds
+
+
+def _float64_loss(loss, img, txt, module):
+    """The global loss of the whole batch in float64, plainly (materialised logits)."""
+    u = torch.nn.functional.normalize(img, dim=1, eps=1e-6)
+    v = torch.nn.functional.normalize(txt, dim=1, eps=1e-6)
+    logits = module.logit_scale.exp().clamp(max=100.0) * u @ v.T
+    labels = torch.arange(len(u))
+    if loss == "clip":
+        ce = torch.nn.functional.cross_entropy
+        return (ce(logits, labels) + ce(logits.T, labels)) / 2
+    z = 2 * torch.eye(len(u), dtype=u.dtype) - 1
+    return torch.nn.functional.softplus(-z * (logits + module.logit_bias)).sum() / len(u)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_siglip_matches_single_process(world, backend):
+    """The sigmoid loss: every split (empty ranks too) and per-rank upstream weights."""
+    n = world.size
+    for k, sizes in enumerate(SPLITS[n]):
+        for weights in ([1.0] * n, UPSTREAM[:n]):
+            log_scale, bias = math.log(10.0), -4.0 + k
+            results = world.run(
+                siglip_loss_and_grads,
+                backend,
+                sizes,
+                weights,
+                24,
+                200 + k,
+                log_scale,
+                bias,
+                chunk_size=5,
+            )
+            img, txt = testing.make_pairs(sum(sizes), 24, 200 + k)
+            exact = testing.siglip_reference(
+                img, txt, log_scale, bias, sizes=sizes, weights=weights
+            )
+            plain = testing.plain_fp32_siglip(
+                img, txt, log_scale, bias, sizes=sizes, weights=weights
+            )
+            for rank, r in enumerate(results):
+                want, bound = n * exact.shares[rank], n * float(exact.share_bounds[rank])
+                testing.check_scalar(f"{backend} loss on rank {rank}", r["loss"], want, bound)
+                m = r["metrics"]
+                testing.check_scalar("loss_global", m["loss"], exact.loss, exact.loss_bound)
+                testing.check_scalar("loss_pos", m["loss_pos"], exact.loss_pos, exact.pos_bound)
+                assert m["b_local"] == sizes[rank] and m["b_global"] == sum(sizes)
+            for name in ("d_img", "d_txt"):
+                ours = torch.cat([r[name] for r in results])
+                testing.check_tensor(name, ours, n * plain[name], n * getattr(exact, name))
+            for name in ("d_scale", "d_bias"):
+                ours = torch.stack([r[name].double() for r in results]).mean()
+                bound = getattr(exact, f"{name}_bound")
+                testing.check_scalar(name, ours, getattr(exact, name), bound)

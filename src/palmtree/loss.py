@@ -163,7 +163,70 @@ def _output(loss, sums, scale, layout: Layout) -> ClipLossOutput:
     )
 
 
-class ClipLoss(nn.Module):
+class Projections(nn.Module):
+    """The bias-free linear maps that bring both towers into one embedding width.
+
+    When ``image_dim``, ``text_dim`` and ``embed_dim`` are given, each side whose width
+    differs from ``embed_dim`` gets a layer; the loss modules subclass this.
+    """
+
+    def __init__(self, image_dim: int | None, text_dim: int | None, embed_dim: int | None):
+        super().__init__()
+        if (image_dim is not None or text_dim is not None) and embed_dim is None:
+            if image_dim is None or text_dim is None or image_dim != text_dim:
+                raise ValueError(
+                    f"image_dim={image_dim} and text_dim={text_dim} differ: pass embed_dim "
+                    "to project both into one space"
+                )
+            embed_dim = image_dim
+        self.image_dim, self.text_dim, self.embed_dim = image_dim, text_dim, embed_dim
+        self.image_proj = self._projection(image_dim, embed_dim)
+        self.text_proj = self._projection(text_dim, embed_dim)
+
+    @staticmethod
+    def _projection(dim, embed_dim):
+        if dim is None or dim == embed_dim:
+            return None
+        layer = nn.Linear(dim, embed_dim, bias=False)
+        nn.init.normal_(layer.weight, std=dim**-0.5)
+        return layer
+
+    def project(self, image_features, text_features):
+        """``(image, text, error)``: both sides projected, or a width mismatch as a message.
+
+        Projecting before pooling is fine: a linear map commutes with the masked mean,
+        and the loss then sees one width on both sides. The mismatch goes through the
+        loss's exchange so that every rank raises it, not just this one.
+        """
+        for side, x, expected in (
+            ("image", image_features, self.image_dim),
+            ("text", text_features, self.text_dim),
+        ):
+            if expected is not None and isinstance(x, torch.Tensor) and x.shape[-1] != expected:
+                return (
+                    image_features,
+                    text_features,
+                    (
+                        f"{side}_features have dim {x.shape[-1]} but this "
+                        f"{type(self).__name__} was built with {side}_dim={expected}"
+                    ),
+                )
+        if self.image_proj is not None:
+            image_features = self.image_proj(image_features)
+        if self.text_proj is not None:
+            text_features = self.text_proj(text_features)
+        return image_features, text_features, None
+
+    def describe(self) -> str:
+        o = self.options
+        return (
+            f"image_dim={self.image_dim}, text_dim={self.text_dim}, embed_dim={self.embed_dim}, "
+            f"logit_scale_max={o.logit_scale_max}, scale_cap={o.scale_cap!r}, "
+            f"backend={o.backend!r}"
+        )
+
+
+class ClipLoss(Projections):
     """CLIP loss with a learnable temperature and optional projections.
 
     Owns ``logit_scale`` (log space, initialised to ``ln(1/0.07)``). When the image
@@ -187,7 +250,7 @@ class ClipLoss(nn.Module):
         chunk_size: int | None = None,
         group=None,
     ):
-        super().__init__()
+        super().__init__(image_dim, text_dim, embed_dim)
         #: The loss's options (:class:`palmtree.options.LossOptions`), checked here.
         self.options = LossOptions(
             group=group,
@@ -198,25 +261,6 @@ class ClipLoss(nn.Module):
             scale_cap=scale_cap,
         ).validated()
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-        dims = (image_dim, text_dim)
-        if any(d is not None for d in dims) and embed_dim is None:
-            if image_dim is None or text_dim is None or image_dim != text_dim:
-                raise ValueError(
-                    f"image_dim={image_dim} and text_dim={text_dim} differ: pass embed_dim "
-                    "to project both into one space"
-                )
-            embed_dim = image_dim
-        self.image_dim, self.text_dim, self.embed_dim = image_dim, text_dim, embed_dim
-        self.image_proj = self._projection(image_dim, embed_dim)
-        self.text_proj = self._projection(text_dim, embed_dim)
-
-    @staticmethod
-    def _projection(dim, embed_dim):
-        if dim is None or dim == embed_dim:
-            return None
-        layer = nn.Linear(dim, embed_dim, bias=False)
-        nn.init.normal_(layer.weight, std=dim**-0.5)
-        return layer
 
     def forward(
         self,
@@ -224,24 +268,7 @@ class ClipLoss(nn.Module):
         text_features: torch.Tensor,
         text_mask: torch.Tensor | None = None,
     ) -> ClipLossOutput:
-        # Project before pooling: a linear map commutes with the masked mean, and the
-        # loss then sees one feature width on both sides. A width mismatch is reported
-        # through the loss so that every rank raises it, not just this one.
-        error = None
-        for side, x, expected in (
-            ("image", image_features, self.image_dim),
-            ("text", text_features, self.text_dim),
-        ):
-            if expected is not None and isinstance(x, torch.Tensor) and x.shape[-1] != expected:
-                error = error or (
-                    f"{side}_features have dim {x.shape[-1]} but this ClipLoss was built "
-                    f"with {side}_dim={expected}"
-                )
-        if error is None:
-            if self.image_proj is not None:
-                image_features = self.image_proj(image_features)
-            if self.text_proj is not None:
-                text_features = self.text_proj(text_features)
+        image_features, text_features, error = self.project(image_features, text_features)
         return clip_loss_with(
             self.options,
             image_features,
@@ -252,9 +279,4 @@ class ClipLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        o = self.options
-        return (
-            f"image_dim={self.image_dim}, text_dim={self.text_dim}, embed_dim={self.embed_dim}, "
-            f"logit_scale_max={o.logit_scale_max}, scale_cap={o.scale_cap!r}, "
-            f"backend={o.backend!r}"
-        )
+        return self.describe()

@@ -126,6 +126,17 @@ def complete_columns(stats: ForwardStats, layout: Layout):
     return global_max, sums[0], sums[1]
 
 
+def _refuse_double_backward(ctx) -> None:
+    """The single-pass backwards are not differentiable: say so rather than return a
+    second derivative that silently misses the loss's part."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"backend={ctx.opts.kernels.name!r} gives first derivatives only, and this "
+            "backward was asked to build a graph (create_graph=True, e.g. for a gradient "
+            "penalty); use backend='reference', whose gradient is differentiable"
+        )
+
+
 class SinglePassLoss(torch.autograd.Function):
     """``(images_r, texts_r, s) -> (N * share_r, global metric sums)``.
 
@@ -167,12 +178,7 @@ class SinglePassLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"backend={ctx.opts.kernels.name!r} gives first derivatives only, and this "
-                "backward was asked to build a graph (create_graph=True, e.g. for a gradient "
-                "penalty); use backend='reference', whose gradient is differentiable"
-            )
+        _refuse_double_backward(ctx)
         # backward() may be called inside the user's autocast region: the kernels'
         # products must keep the precision the forward chose.
         with torch.autocast(grad_loss.device.type, enabled=False):
@@ -207,3 +213,61 @@ class SinglePassLoss(torch.autograd.Function):
         du = unit_rows_backward(du, u, u_norms, image_dtype)
         dv = unit_rows_backward(dv, v_all[o : o + b], v_norms, text_dtype)
         return du, dv, dscale.reshape(scale.shape), None
+
+
+class SigmoidPassLoss(torch.autograd.Function):
+    """The sigmoid (SigLIP) loss: ``(images_r, texts_r, s, bias) -> (N * share_r, sums)``.
+
+    ``share_r`` is this rank's rows' part of ``L = 1/B sum_ij softplus(-z_ij (S_ij + bias))``.
+    The loss is elementwise: the forward needs no statistics from other ranks (one MAX
+    all-reduce of the column maxima serves the t2i accuracy only), the backward sends
+    the text gradients home with one reduce-scatter. ``sums`` holds the global
+    ``(sum of positive terms, sum of negative terms, i2t hits, t2i hits)``.
+    """
+
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, opts: PassOptions):
+        layout = opts.layout
+        ctx.dtypes = image.dtype, text.dtype
+        u, u_norms = unit_rows(image, opts.normalize, opts.eps)
+        v, v_norms = unit_rows(text, opts.normalize, opts.eps)
+        o, b, big = layout.offset, layout.b_local, layout.b_global
+        v_all = gather_rows(v, layout)
+        kernels = opts.kernels
+        stats = kernels.sigmoid_forward(u, v_all, scale, bias, o, opts.precision, opts.chunk_size)
+        col_max = all_reduce_(stats.col_max.clone(), layout, dist.ReduceOp.MAX)
+        sums = torch.stack(
+            [
+                stats.pos_sum,
+                stats.neg_sum,
+                (stats.diag >= stats.row_max).sum().float(),
+                (stats.diag >= col_max[o : o + b]).sum().float(),
+            ]
+        )
+        share = (sums[0] + sums[1]) / big
+        all_reduce_(sums, layout)
+        ctx.opts = opts
+        ctx.norms = u_norms, v_norms
+        ctx.save_for_backward(u, v_all, scale, bias)
+        ctx.mark_non_differentiable(sums)
+        return layout.world_size * share, sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_sums):
+        _refuse_double_backward(ctx)
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            opts = ctx.opts
+            layout = opts.layout
+            u, v_all, scale, bias = ctx.saved_tensors
+            upstream = all_gather_scalar(grad_loss.detach().float(), layout)
+            weight = upstream[layout.rank] * (layout.world_size / layout.b_global)
+            o, b = layout.offset, layout.b_local
+            du, dv_partial, dscale, dbias = opts.kernels.sigmoid_backward(
+                u, v_all, scale, bias, o, opts.precision, opts.chunk_size, weight.expand(b)
+            )
+            dv = reduce_scatter_rows(dv_partial, layout)
+            u_norms, v_norms = ctx.norms
+            image_dtype, text_dtype = ctx.dtypes
+            du = unit_rows_backward(du, u, u_norms, image_dtype)
+            dv = unit_rows_backward(dv, v_all[o : o + b], v_norms, text_dtype)
+            return du, dv, dscale.reshape(scale.shape), dbias.reshape(bias.shape), None

@@ -20,8 +20,9 @@ How close an fp32 result must be (docs/design.md, "What exact means"):
   (1 - n u)``, ``u = 2**-24``), each loss term ``t = -log p_positive`` moves by at most
   ``sum_j |p_j - [j = positive]| E_j`` under those errors and is formed to
   ``gamma(3B + 3)`` relative, and sums of ``n`` terms add ``gamma(n)`` times the sum of
-  their absolute values. The bound is relative to the loss (no absolute allowance), so
-  a small loss must keep its digits too. It is a worst case, not a typical error:
+  their absolute values (each operation may also lose ``2**-149`` to underflow). The
+  bound is relative to the loss (no absolute allowance above fp32's underflow), so a
+  small loss must keep its digits too. It is a worst case, not a typical error:
   correct fp32 code sits far inside it; the defects it exists for (an ``lse - logit``
   cancelling at magnitude ``scale``) leave it by orders of magnitude.
 * **Gradient tensors** must be within ``2 x`` the error of a plain fp32 computation of
@@ -42,6 +43,9 @@ import torch
 import torch.nn.functional as F
 
 UNIT_ROUNDOFF = 2.0**-24  # fp32
+#: Absolute error of an fp32 result that underflows (the spacing of the subnormals):
+#: each elementary operation may add this on top of its relative error.
+UNDERFLOW = 2.0**-149
 
 KINDS = ("correlated", "adversarial", "aligned")
 
@@ -128,7 +132,7 @@ def _unit_backward(grad, u, divisor):
 
 def _terms(s_block: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """``-log softmax`` at each row's positive column, to float64 relative accuracy."""
-    rows = torch.arange(len(positives))
+    rows = torch.arange(len(positives), device=s_block.device)
     diff = s_block - s_block[rows, positives][:, None]
     diff[rows, positives] = -math.inf
     return F.softplus(torch.logsumexp(diff, dim=1))
@@ -153,16 +157,20 @@ def reference(
     it over ranks (default: one rank) and ``weights`` are the ranks' upstream gradients.
     ``precision`` is the matmul operand mode whose rounding the bounds allow for.
     Works in row blocks of ``block`` rows (memory ``O(block * B)``), so it runs at any
-    ``B`` that fits ``B x D`` float64 features.
+    ``B`` that fits ``B x D`` float64 features, on the device of ``img`` (a GPU computes
+    it in seconds where a CPU takes minutes); the results are tensors on that device.
     """
     img, txt = img.detach(), txt.detach()
     big, dim = img.shape
+    dev = img.device
     sizes = [big] if sizes is None else list(sizes)
     if sum(sizes) != big:
         raise ValueError(f"sizes {sizes} do not add up to the batch of {big}")
-    weights = torch.ones(len(sizes), dtype=torch.float64) if weights is None else weights
-    weights = torch.as_tensor(weights, dtype=torch.float64)
-    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    weights = [1.0] * len(sizes) if weights is None else weights
+    weights = torch.as_tensor(weights, dtype=torch.float64, device=dev)
+    owner = torch.repeat_interleave(
+        torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev)
+    )
     w = weights[owner] / (2 * big)  # each row's / column's weight in J
     raw_scale = math.exp(logit_scale)
     s = min(raw_scale, logit_scale_max)
@@ -175,25 +183,26 @@ def reference(
     err = _LogitErrors(u, v, s, dim, OPERAND_UNIT[precision])
 
     # Pass 1: row terms and log-sum-exps; column log-sum-exps, online over row blocks.
-    t_row = torch.empty(big, dtype=torch.float64)
-    row_lse = torch.empty(big, dtype=torch.float64)
-    col_lse = torch.full((big,), -math.inf, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=dev)
+    t_row = torch.empty(big, **f64)
+    row_lse = torch.empty(big, **f64)
+    col_lse = torch.full((big,), -math.inf, **f64)
     for i0, i1 in rows_of:
         sb = s * u[i0:i1] @ v.T
-        t_row[i0:i1] = _terms(sb, torch.arange(i0, i1))
+        t_row[i0:i1] = _terms(sb, torch.arange(i0, i1, device=dev))
         row_lse[i0:i1] = torch.logsumexp(sb, dim=1)
         col_lse = torch.logaddexp(col_lse, torch.logsumexp(sb, dim=0))
-    t_col = torch.empty(big, dtype=torch.float64)
+    t_col = torch.empty(big, **f64)
     for j0, j1 in rows_of:
-        t_col[j0:j1] = _terms(s * v[j0:j1] @ u.T, torch.arange(j0, j1))
+        t_col[j0:j1] = _terms(s * v[j0:j1] @ u.T, torch.arange(j0, j1, device=dev))
 
     # Pass 2: how far each term moves under the logits' errors (first order), and the
     # columns' error-weighted means sum_i p_col[i, j] E[i, j].
-    sens_row = torch.empty(big, dtype=torch.float64)
-    sens_col = torch.zeros(big, dtype=torch.float64)
-    col_mean_e = torch.zeros(big, dtype=torch.float64)
+    sens_row = torch.empty(big, **f64)
+    sens_col = torch.zeros(big, **f64)
+    col_mean_e = torch.zeros(big, **f64)
     for i0, i1 in rows_of:
-        sb, e, pos = s * u[i0:i1] @ v.T, err.block(i0, i1), _positives(i0, i1)
+        sb, e, pos = s * u[i0:i1] @ v.T, err.block(i0, i1), _positives(i0, i1, dev)
         p_row = torch.exp(sb - row_lse[i0:i1, None])
         p_col = torch.exp(sb - col_lse[None, :])
         sens_row[i0:i1] = _sensitivity(p_row, e, pos, dim=1)
@@ -207,7 +216,7 @@ def reference(
     form = gamma(3 * big + 3)  # forming exp, the sums and the log of one term
     for i0, i1 in rows_of:
         dot = u[i0:i1] @ v.T
-        sb, e, pos = s * dot, err.block(i0, i1), _positives(i0, i1)
+        sb, e, pos = s * dot, err.block(i0, i1), _positives(i0, i1, dev)
         p_row = torch.exp(sb - row_lse[i0:i1, None])
         p_col = torch.exp(sb - col_lse[None, :])
         g = w[i0:i1, None] * p_row + w[None, :] * p_col
@@ -222,11 +231,12 @@ def reference(
             p_col, e, col_mean_e[None, :], pos, col_mean_e[i0:i1], form
         )
         dg += UNIT_ROUNDOFF * (g.abs() + w[i0:i1, None] * p_row + w[None, :] * p_col)
+        dg += 4 * UNDERFLOW
         ds_bound += float((dg * dot.abs()).sum() + (g.abs() * e).sum() / s)
         ds_bound += gamma(2 * big + 2) * float((g * dot).abs().sum())
 
     loss_i2t, loss_t2i = t_row.sum() / big, t_col.sum() / big
-    per_term = sens_row + sens_col + form * (t_row + t_col)
+    per_term = sens_row + sens_col + form * (t_row + t_col) + 8 * UNDERFLOW
     share_terms = torch.stack([t.sum() for t in (t_row + t_col).split(sizes)])
     shares = share_terms / (2 * big)
     share_bounds = torch.stack(
@@ -252,7 +262,7 @@ def reference(
         shares=shares,
         d_img=d_img,
         d_txt=d_txt,
-        d_scale=torch.tensor(d_scale, dtype=torch.float64),
+        d_scale=torch.tensor(d_scale, **f64),
         loss_bound=loss_bound,
         share_bounds=share_bounds,
         d_scale_bound=d_scale_bound,
@@ -275,9 +285,9 @@ class _LogitErrors:
         return self.s * (self.per_product * a + gamma(5))
 
 
-def _positives(i0: int, i1: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _positives(i0: int, i1: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the positives in the block of rows ``[i0, i1)``: ``(local row, column)``."""
-    rows = torch.arange(i1 - i0)
+    rows = torch.arange(i1 - i0, device=device)
     return rows, i0 + rows
 
 
@@ -331,6 +341,191 @@ def plain_fp32(
     shares = torch.stack([part.sum() for part in terms.split(sizes)]) / (2 * len(u))
     (shares * weights.to(dtype)).sum().backward()
     return {"shares": shares.detach(), "d_img": i.grad, "d_txt": t.grad, "d_scale": theta.grad}
+
+
+@dataclass
+class SigLipReference:
+    """The float64 truth of the sigmoid loss's ``J = sum_r weights[r] * share_r`` (shares
+    are the ranks' rows), with bounds for fp32 results as :class:`Reference`'s."""
+
+    loss: torch.Tensor
+    loss_pos: torch.Tensor
+    loss_neg: torch.Tensor
+    shares: torch.Tensor
+    d_img: torch.Tensor
+    d_txt: torch.Tensor
+    d_scale: torch.Tensor
+    d_bias: torch.Tensor
+    loss_bound: float
+    pos_bound: float
+    neg_bound: float
+    share_bounds: torch.Tensor
+    d_scale_bound: float
+    d_bias_bound: float
+
+
+def siglip_reference(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    logit_scale: float,
+    logit_bias: float,
+    *,
+    sizes: list[int] | None = None,
+    weights: list[float] | None = None,
+    logit_scale_max: float = 100.0,
+    scale_cap: str = "clamp",
+    normalize: bool = True,
+    precision: str = "ieee",
+    block: int | None = None,
+) -> SigLipReference:
+    """The float64 truth and fp32 bounds for ``siglip_loss`` on the global batch.
+
+    ``L = 1/B sum_ij softplus(-z_ij (s <u_i, v_j> + bias))``, ``z`` +1 on the positives and
+    -1 elsewhere. The bounds follow the module docstring: each ``x = S + bias`` is off by
+    ``E_ij + u |x|``, a term ``softplus(-z x)`` moves by ``sigmoid(-z x)`` times that and is
+    formed to ``gamma(4)`` relative, ``G = -z sigmoid(-z x)`` by ``G (1 - sigmoid) dx``
+    plus ``gamma(3) |G|``, and sums add ``gamma(n)`` times their absolute sums.
+    """
+    img, txt = img.detach(), txt.detach()
+    big, dim = img.shape
+    sizes = [big] if sizes is None else list(sizes)
+    if sum(sizes) != big:
+        raise ValueError(f"sizes {sizes} do not add up to the batch of {big}")
+    weights = torch.ones(len(sizes), dtype=torch.float64) if weights is None else weights
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    w = weights[owner] / big  # each row's weight in J
+    raw_scale = math.exp(logit_scale)
+    s = min(raw_scale, logit_scale_max)
+    if normalize:
+        (u, u_div), (v, v_div) = _unit(img), _unit(txt)
+    else:
+        u, v = img.double(), txt.double()
+    block = block or max(1, (1 << 22) // max(big, 1))
+    err = _LogitErrors(u, v, s, dim, OPERAND_UNIT[precision])
+    n_sum = 2 * big + len(sizes) + 2
+    row_terms = torch.zeros(big, dtype=torch.float64)
+    row_term_bounds = torch.zeros(big, dtype=torch.float64)
+    pos = neg = pos_b = neg_b = g_dot = g_sum = ds_b = db_b = 0.0
+    d_u, d_v = torch.zeros_like(u), torch.zeros_like(v)
+    for i0 in range(0, big, block):
+        i1 = min(i0 + block, big)
+        rows, cols = _positives(i0, i1)
+        dot = u[i0:i1] @ v.T
+        x = s * dot + logit_bias
+        z = -torch.ones_like(x)
+        z[rows, cols] = 1.0
+        t = F.softplus(-z * x)
+        sig = torch.sigmoid(-z * x)
+        dx = err.block(i0, i1) + UNIT_ROUNDOFF * x.abs()
+        t_err = sig * dx + gamma(4) * t + 4 * UNDERFLOW
+        row_terms[i0:i1] = t.sum(1)
+        row_term_bounds[i0:i1] = t_err.sum(1)
+        off = torch.ones_like(t, dtype=torch.bool)
+        off[rows, cols] = False
+        pos += float(t[rows, cols].sum())
+        neg += float(t[off].sum())  # summed apart: tiny negatives must not vanish in pos
+        pos_b += float(t_err[rows, cols].sum())
+        neg_b += float(t_err[off].sum())
+        g = w[i0:i1, None] * (-z * sig)
+        d_u[i0:i1] = s * g @ v
+        d_v += s * g.T @ u[i0:i1]
+        g_dot += float((g * dot).sum())
+        g_sum += float(g.sum())
+        dg = g.abs() * ((1 - sig) * dx + gamma(3)) + 4 * UNDERFLOW
+        ds_b += float((dg * dot.abs()).sum() + (g.abs() * (dx - UNIT_ROUNDOFF * x.abs())).sum() / s)
+        ds_b += gamma(n_sum) * float((g * dot).abs().sum())
+        db_b += float(dg.sum()) + gamma(n_sum) * float(g.abs().sum())
+    total = float(row_terms.sum())
+    share_terms = torch.stack([part.sum() for part in row_terms.split(sizes)])
+    share_bounds = torch.stack(
+        [
+            (b.sum() + gamma(n_sum) * t) / big
+            for b, t in zip(row_term_bounds.split(sizes), share_terms, strict=True)
+        ]
+    )
+    loss_bound = (float(row_term_bounds.sum()) + gamma(n_sum) * total) / big
+    if scale_cap == "clamp" and raw_scale > logit_scale_max:
+        d_scale, d_scale_bound = 0.0, 0.0
+    else:
+        d_scale = raw_scale * g_dot
+        d_scale_bound = raw_scale * ds_b + gamma(3) * abs(d_scale)
+    return SigLipReference(
+        loss=torch.tensor(total / big, dtype=torch.float64),
+        loss_pos=torch.tensor(pos / big, dtype=torch.float64),
+        loss_neg=torch.tensor(neg / big, dtype=torch.float64),
+        shares=share_terms / big,
+        d_img=_unit_backward(d_u, u, u_div) if normalize else d_u,
+        d_txt=_unit_backward(d_v, v, v_div) if normalize else d_v,
+        d_scale=torch.tensor(d_scale, dtype=torch.float64),
+        d_bias=torch.tensor(g_sum, dtype=torch.float64),
+        loss_bound=loss_bound,
+        pos_bound=(pos_b + gamma(n_sum) * pos) / big,
+        neg_bound=(neg_b + gamma(n_sum) * neg) / big,
+        share_bounds=share_bounds,
+        d_scale_bound=d_scale_bound,
+        d_bias_bound=db_b,
+    )
+
+
+def plain_fp32_siglip(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    logit_scale: float,
+    logit_bias: float,
+    *,
+    sizes: list[int] | None = None,
+    weights: list[float] | None = None,
+    logit_scale_max: float = 100.0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The straightforward sigmoid loss in ``dtype``: materialised logits, autograd."""
+    sizes = [img.shape[0]] if sizes is None else list(sizes)
+    weights = torch.ones(len(sizes)) if weights is None else torch.as_tensor(weights)
+    i = img.detach().to(dtype).requires_grad_()
+    t = txt.detach().to(dtype).requires_grad_()
+    theta = torch.tensor(logit_scale, dtype=dtype, requires_grad=True)
+    bias = torch.tensor(logit_bias, dtype=dtype, requires_grad=True)
+    u, v = F.normalize(i, dim=-1, eps=1e-6), F.normalize(t, dim=-1, eps=1e-6)
+    logits = theta.exp().clamp(max=logit_scale_max) * u @ v.T + bias
+    z = 2 * torch.eye(len(u), dtype=dtype) - 1
+    rows = F.softplus(-z * logits).sum(1) / len(u)
+    shares = torch.stack([part.sum() for part in rows.split(sizes)])
+    (shares * weights.to(dtype)).sum().backward()
+    return {
+        "shares": shares.detach(),
+        "d_img": i.grad,
+        "d_txt": t.grad,
+        "d_scale": theta.grad,
+        "d_bias": bias.grad,
+    }
+
+
+def worst_of_orders(plain, img, txt, exact, orders: int = 4, seed: int = 123) -> dict:
+    """``plain(img, txt)`` over ``orders`` feature orders, each output the worst one.
+
+    Permuting the feature dimension of both sides leaves the math unchanged and gives
+    another, equally valid fp32 summation order. One order's error is a single sample;
+    the worst of a few is what the plain computation can be relied on to achieve, which
+    makes "within 2x plain" a rule that holds on every machine, not only a lucky one.
+    ``exact`` maps output names to their float64 truth (e.g. ``vars(reference(...))``).
+    """
+    g = torch.Generator().manual_seed(seed)
+    worst: dict = {}
+    for k in range(orders):
+        perm = torch.arange(img.shape[1]) if k == 0 else torch.randperm(img.shape[1], generator=g)
+        out = plain(img[:, perm], txt[:, perm])
+        inv = torch.argsort(perm)
+        for name in ("d_img", "d_txt"):
+            if name in out:
+                out[name] = out[name][:, inv]
+        for name, value in out.items():
+            if name not in exact:
+                continue
+            err = max_error(value, exact[name])
+            if name not in worst or err > worst[name][0]:
+                worst[name] = (err, value)
+    return {name: value for name, (_, value) in worst.items()}
 
 
 def max_error(ours: torch.Tensor, exact: torch.Tensor) -> float:

@@ -47,9 +47,11 @@ def _grad_kernel(
     OTHER_COEF,
     POS_WEIGHT,
     DIAG,
+    BIAS,
     D_OWN,
     D_OTHER,
     DSCALE,
+    DBIAS,
     n_own,
     n_other,
     D,
@@ -69,6 +71,7 @@ def _grad_kernel(
     OTHER_GRAD: tl.constexpr,
     WITH_DSCALE: tl.constexpr,
     OWN_IS_U: tl.constexpr,
+    SIGMOID: tl.constexpr,
 ):
     pid_o = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -89,6 +92,7 @@ def _grad_kernel(
 
     d_own = tl.zeros((BLOCK_OWN, BLOCK_D), tl.float32)
     ds = tl.zeros((BLOCK_OWN,), tl.float32)
+    db = tl.zeros((BLOCK_OWN,), tl.float32)
     t_begin = pid_s * tiles_per_split * BLOCK_OTHER
     t_end = tl.minimum(t_begin + tiles_per_split * BLOCK_OTHER, n_other)
     for start in range(t_begin, t_end, BLOCK_OTHER):
@@ -123,15 +127,26 @@ def _grad_kernel(
         ok = own_ok[:, None] & oth_ok[None, :]
         positive = ok & (oth[None, :] == own[:, None] + pos_shift)
         s = tl.where(ok, dot * scale, float("-inf"))
-        s = tl.where(positive, pos_s[:, None], s)
-        t_shift = tl.load(OTHER_SHIFT + oth, mask=oth_ok, other=float("inf"))
+        if not SIGMOID:  # the softmax's positives must be the forward's (base.py)
+            s = tl.where(positive, pos_s[:, None], s)
         t_coef = tl.load(OTHER_COEF + oth, mask=oth_ok, other=0.0)
-        g = o_coef[:, None] * tl.exp(s - o_shift[:, None])
-        g += t_coef[None, :] * tl.exp(s - t_shift[None, :])
-        g = tl.where(positive, g - pos_w[:, None], g)
+        if SIGMOID:
+            # G = w_row * (-z) * sigmoid(-z x), x = S + bias, z = +1 at the positives. The
+            # row weights are the own side's coefficients when it holds the rows.
+            logit = s + tl.load(BIAS)
+            sig = tl.sigmoid(tl.where(positive, -logit, logit))
+            w_row = o_coef[:, None] if OWN_IS_U else t_coef[None, :]
+            g = w_row * tl.where(positive, -sig, sig)
+        else:
+            t_shift = tl.load(OTHER_SHIFT + oth, mask=oth_ok, other=float("inf"))
+            g = o_coef[:, None] * tl.exp(s - o_shift[:, None])
+            g += t_coef[None, :] * tl.exp(s - t_shift[None, :])
+            g = tl.where(positive, g - pos_w[:, None], g)
         if WITH_DSCALE:
             # d/dscale is sum(G * (U V^T)): no division by a scale that may be 0.
             ds += tl.sum(g * dot, axis=1)
+            if SIGMOID:
+                db += tl.sum(g, axis=1)
 
         gq = round_operand(g, PRECISION)
         d_own = mma(gq, y, d_own, PRECISION, INTERPRET)
@@ -178,6 +193,8 @@ def _grad_kernel(
     )
     if WITH_DSCALE:
         tl.store(DSCALE + pid_o * tl.num_programs(1) + pid_s, tl.sum(ds, axis=0))
+        if SIGMOID:
+            tl.store(DBIAS + pid_o * tl.num_programs(1) + pid_s, tl.sum(db, axis=0))
 
 
 @dataclass(frozen=True)
@@ -186,7 +203,7 @@ class _Positives:
     its weight and forward logit are ``weight[x + w_shift]`` and ``diag[x + w_shift]``."""
 
     weight: torch.Tensor
-    diag: torch.Tensor
+    diag: torch.Tensor | None
     shift: int
     w_shift: int
 
@@ -204,13 +221,16 @@ def _own_grad(
     own_is_u: bool,
     d_other=None,
     with_dscale=False,
+    bias=None,
 ):
     """``scale * G @ other`` for every row of ``own``, and ``sum(G * own other^T)``.
 
     ``own_terms``/``other_terms`` are the ``(shift, coef)`` pairs of the two sides;
     ``own_is_u`` says whether ``own`` holds the image rows (else the text rows).
     With ``d_other``, the same programs also add ``scale * G^T @ own`` into it atomically.
-    Returns ``(grad, dscale)`` (``dscale`` is ``None`` unless ``with_dscale``).
+    With ``bias`` (a 0-dim tensor) ``G`` is the sigmoid loss's, the coefficients being the
+    row weights. Returns ``(grad, dscale, dbias)`` (the sums ``None`` unless
+    ``with_dscale``; ``dbias`` only with ``bias``).
     """
     n_own, dim = own.shape
     n_other = other.shape[0]
@@ -220,6 +240,7 @@ def _own_grad(
     n_split, tiles_per_split = plan.splits(blocks, triton.cdiv(n_other, b_other))
     partials = torch.empty(n_split, n_own, dim, **f32)
     dscale = torch.empty(blocks * n_split if with_dscale else 1, **f32)
+    dbias = torch.empty_like(dscale)
     _grad_kernel[(blocks, n_split)](
         OWN=own,
         OTHER=other,
@@ -229,10 +250,12 @@ def _own_grad(
         OTHER_SHIFT=other_terms[0],
         OTHER_COEF=other_terms[1],
         POS_WEIGHT=pos.weight,
-        DIAG=pos.diag,
+        DIAG=pos.diag if pos.diag is not None else pos.weight,  # unread without a diag
+        BIAS=bias if bias is not None else scale,
         D_OWN=partials,
         D_OTHER=d_other if d_other is not None else partials,
         DSCALE=dscale,
+        DBIAS=dbias,
         n_own=n_own,
         n_other=n_other,
         D=dim,
@@ -252,11 +275,14 @@ def _own_grad(
         OTHER_GRAD=d_other is not None,
         WITH_DSCALE=with_dscale,
         OWN_IS_U=own_is_u,
+        SIGMOID=bias is not None,
         num_warps=plan.bwd_num_warps,
         num_stages=plan.bwd_num_stages,
     )
     grad = partials[0] if n_split == 1 else partials.sum(0)
-    return grad, (dscale.sum() if with_dscale else None)
+    if not with_dscale:
+        return grad, None, None
+    return grad, dscale.sum(), (dbias.sum() if bias is not None else None)
 
 
 def backward_grads(uq, vq, scale, offset, precision, plan, terms):
@@ -266,9 +292,26 @@ def backward_grads(uq, vq, scale, offset, precision, plan, terms):
     # Row i's positive is column offset + i; column j's is row j - offset (data by row).
     row_pos = _Positives(terms.pos_weight, terms.diag, offset, 0)
     col_pos = _Positives(terms.pos_weight, terms.diag, -offset, -offset)
+    du, dv, dscale, _ = _both_sides(uq, vq, scale, rows, cols, row_pos, col_pos, precision, plan)
+    return du, dv, dscale
+
+
+def sigmoid_backward_grads(uq, vq, scale, bias, offset, precision, plan, row_weight):
+    """``(dU, dV_partial, dscale, dbias)`` of the sigmoid contract (base.SigmoidKernels).
+
+    The loss is elementwise: the positives need no forward value, only their place."""
+    unused = torch.zeros(vq.shape[0], dtype=torch.float32, device=vq.device)
+    rows, cols = (row_weight, row_weight), (unused, unused)
+    row_pos = _Positives(row_weight, None, offset, 0)
+    col_pos = _Positives(row_weight, None, -offset, -offset)
+    return _both_sides(uq, vq, scale, rows, cols, row_pos, col_pos, precision, plan, bias)
+
+
+def _both_sides(uq, vq, scale, rows, cols, row_pos, col_pos, precision, plan, bias=None):
+    """dU from programs owning rows, dV from programs owning columns (or atomically)."""
     if plan.bwd_mode == "atomic":
         dv = torch.zeros(vq.shape, dtype=torch.float32, device=vq.device)
-        du, dscale = _own_grad(
+        du, dscale, dbias = _own_grad(
             uq,
             vq,
             scale,
@@ -280,10 +323,23 @@ def backward_grads(uq, vq, scale, offset, precision, plan, terms):
             own_is_u=True,
             d_other=dv,
             with_dscale=True,
+            bias=bias,
         )
-        return du, dv, dscale
-    du, dscale = _own_grad(
-        uq, vq, scale, rows, cols, row_pos, precision, plan, own_is_u=True, with_dscale=True
+        return du, dv, dscale, dbias
+    du, dscale, dbias = _own_grad(
+        uq,
+        vq,
+        scale,
+        rows,
+        cols,
+        row_pos,
+        precision,
+        plan,
+        own_is_u=True,
+        with_dscale=True,
+        bias=bias,
     )
-    dv, _ = _own_grad(vq, uq, scale, cols, rows, col_pos, precision, plan, own_is_u=False)
-    return du, dv, dscale
+    dv, _, _ = _own_grad(
+        vq, uq, scale, cols, rows, col_pos, precision, plan, own_is_u=False, bias=bias
+    )
+    return du, dv, dscale, dbias

@@ -135,3 +135,48 @@ class Kernels(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(dU [b, D], dV_partial [B, D], dscale [])``, all fp32."""
         ...
+
+
+@dataclass
+class SigmoidStats:
+    """Forward statistics of one rank's ``b x B`` block for the sigmoid loss (fp32).
+
+    With ``x = S + bias``: pos_sum ``sum_i softplus(-x[i, offset + i])``, neg_sum the sum
+    of ``softplus(x)`` over every other entry (0-dim tensors); row_max [b], col_max [B]
+    (over the local rows, ``-inf`` when ``b == 0``) and diag [b] of ``S``, for the
+    accuracies.
+    """
+
+    pos_sum: torch.Tensor
+    neg_sum: torch.Tensor
+    row_max: torch.Tensor
+    col_max: torch.Tensor
+    diag: torch.Tensor
+
+    @classmethod
+    def empty(cls, big: int, device: torch.device) -> SigmoidStats:
+        f32 = dict(dtype=torch.float32, device=device)
+        none = torch.empty(0, **f32)
+        zero = torch.zeros((), **f32)
+        return cls(zero, zero.clone(), none, torch.full((big,), -torch.inf, **f32), none)
+
+
+class SigmoidKernels(Protocol):
+    """A single-pass backend of the sigmoid loss.
+
+    ``backward`` builds ``G[i, j] = row_weight[i] * (-z_ij) * sigmoid(-z_ij * x_ij)`` (``z``
+    +1 at the positives ``j == offset + i``, -1 elsewhere; ``x = S + bias``) and returns
+    ``dU = scale * G @ V``, ``dV = scale * G^T @ U`` (this rank's partial),
+    ``dscale = sum G * (U V^T)`` and ``dbias = sum G``. The loss is elementwise: no
+    statistics, so nothing a recompute could unbalance.
+    """
+
+    name: str
+
+    def sigmoid_forward(
+        self, u, v, scale, bias, offset: int, precision: str, chunk_size: int | None
+    ) -> SigmoidStats: ...
+
+    def sigmoid_backward(
+        self, u, v, scale, bias, offset: int, precision: str, chunk_size, row_weight
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...

@@ -9,9 +9,10 @@ Peak extra memory is a few ``b x chunk`` fp32 buffers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..precision import cast_operand, fp32_matmul_mode, mm
-from .base import ForwardStats, GradientTerms, zero_grads
+from .base import ForwardStats, GradientTerms, SigmoidStats, zero_grads
 
 #: Bytes of ``b x chunk`` temporaries alive at once: the backward's three fp32 buffers
 #: (logits, gradient, scratch) and a rounded copy of the gradient in tf32/bf16 modes.
@@ -112,6 +113,64 @@ class ChunkedKernels:
                 du += mm(gq, vq, precision)
                 dv[c0:c1] = mm(gq.T, uq, precision)
         return du.mul_(scale), dv.mul_(scale), dscale
+
+    def sigmoid_forward(self, u, v, scale, bias, offset, precision, chunk_size) -> SigmoidStats:
+        b, big = u.shape[0], v.shape[0]
+        stats = SigmoidStats.empty(big, u.device)
+        if b == 0:
+            return stats
+        chunk = chunk_size or auto_chunk_size(b, big, u.device)
+        uq = cast_operand(u, precision)
+        pos = neg = stats.pos_sum
+        row_max = torch.full((b,), -torch.inf, dtype=torch.float32, device=u.device)
+        diag = torch.empty(b, dtype=torch.float32, device=u.device)
+        for c0 in range(0, big, chunk):
+            c1 = min(c0 + chunk, big)
+            s = mm(uq, cast_operand(v[c0:c1], precision).T, precision).mul_(scale)
+            stats.col_max[c0:c1] = s.amax(0)
+            row_max = torch.maximum(row_max, s.amax(1))
+            where = _diag_slice(offset, b, c0, c1, u.device)
+            if where is not None:
+                diag[where[0]] = s[where[0], where[1]]
+            x = s.add_(bias)  # the logits are not needed again: in place
+            if where is not None:
+                # A positive's term is softplus(-x): flip them, sum, then drop them.
+                x[where[0], where[1]] = -x[where[0], where[1]]
+                pos = pos + F.softplus(x[where[0], where[1]]).sum()
+                x[where[0], where[1]] = -torch.inf  # softplus(-inf) = 0 among the negatives
+            neg = neg + F.softplus(x).sum()
+        return SigmoidStats(pos, neg, row_max, stats.col_max, diag)
+
+    def sigmoid_backward(self, u, v, scale, bias, offset, precision, chunk_size, row_weight):
+        b, big = u.shape[0], v.shape[0]
+        du, dv, dscale = zero_grads(u, v)
+        dbias = dscale.clone()
+        if b == 0:
+            return du, dv, dscale, dbias
+        chunk = chunk_size or auto_chunk_size(b, big, u.device)
+        uq = cast_operand(u, precision)
+        weight = row_weight[:, None]
+        g = None
+        for c0 in range(0, big, chunk):
+            c1 = min(c0 + chunk, big)
+            vq = cast_operand(v[c0:c1], precision)
+            dot = mm(uq, vq.T, precision)
+            g = _buffer(g, dot)
+            # G = -z sigmoid(-z x): sigmoid(x) on the negatives, -sigmoid(-x) at a positive.
+            x = torch.mul(dot, scale, out=g).add_(bias)
+            where = _diag_slice(offset, b, c0, c1, u.device)
+            if where is not None:
+                x[where[0], where[1]] = -x[where[0], where[1]]
+            g = x.sigmoid_()
+            if where is not None:
+                g[where[0], where[1]] = -g[where[0], where[1]]
+            g.mul_(weight)
+            dscale += (g * dot).sum()
+            dbias += g.sum()
+            gq = cast_operand(g, precision)
+            du += mm(gq, vq, precision)
+            dv[c0:c1] = mm(gq.T, uq, precision)
+        return du.mul_(scale), dv.mul_(scale), dscale, dbias
 
 
 def _negatives(e: torch.Tensor, where) -> torch.Tensor:

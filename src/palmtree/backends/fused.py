@@ -2,7 +2,7 @@
 
 Matmul passes are counted in ``P`` = one ``b x B x D`` product, ``2*b*B*D`` FLOPs.
 
-forward, 1 P (:mod:`._triton_forward`; DESIGN.md §2 option (b))
+forward, 1 P (:mod:`._triton_forward`; docs/kernels.md)
     Programs own (row block, column split). Each ``S`` tile is made once and gives the
     rows' online (max, sum of exp) *and* the columns' (max, sum of exp) over the tile's
     rows. Column partials go to a ``ceil(b/BLOCK_M) x width`` buffer of pairs, row
@@ -53,7 +53,7 @@ import os
 import torch
 
 from ..precision import round_to_tf32
-from .base import PRECISIONS, ForwardStats, GradientTerms, zero_grads
+from .base import PRECISIONS, ForwardStats, GradientTerms, SigmoidStats, zero_grads
 
 BWD_MODES = ("two_kernels", "atomic")
 
@@ -257,4 +257,40 @@ class FusedKernels:
             precision,
             self.plan(u.shape[1], u.device, precision),
             terms.to_f32(),
+        )
+
+    def sigmoid_forward(self, u, v, scale, bias, offset, precision, chunk_size) -> SigmoidStats:
+        _check(u, v, scale, offset, precision)
+        if u.shape[0] == 0:
+            return SigmoidStats.empty(v.shape[0], u.device)
+        from ._triton_sigmoid import sigmoid_forward_stats
+
+        return SigmoidStats(
+            *sigmoid_forward_stats(
+                _operand(u, precision),
+                _operand(v, precision),
+                _f32(scale),
+                _f32(bias),
+                offset,
+                precision,
+                self.plan(u.shape[1], u.device, precision),
+            )
+        )
+
+    def sigmoid_backward(self, u, v, scale, bias, offset, precision, chunk_size, row_weight):
+        _check(u, v, scale, offset, precision)
+        if u.shape[0] == 0:
+            du, dv, dscale = zero_grads(u, v)
+            return du, dv, dscale, dscale.clone()
+        from ._triton_backward import sigmoid_backward_grads
+
+        return sigmoid_backward_grads(
+            _operand(u, precision),
+            _operand(v, precision),
+            _f32(scale),
+            _f32(bias),
+            offset,
+            precision,
+            self.plan(u.shape[1], u.device, precision),
+            _f32(row_weight),
         )

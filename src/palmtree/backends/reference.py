@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..distributed import Layout, all_reduce_, gather_rows_with_grad
+from ..distributed import Layout, all_reduce_, gather_rows, gather_rows_with_grad
 from ..precision import round_to_tf32
 
 
@@ -83,5 +83,42 @@ def reference_loss(
             for k, rows in ((2, image_rows), (3, text_rows)):
                 positives = rows.gather(1, labels[:, None]).squeeze(1)
                 sums[k] = (positives >= rows.amax(1)).sum()
+        all_reduce_(sums, layout)
+    return layout.world_size * share, sums
+
+
+def reference_sigmoid_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    layout: Layout,
+    precision: str,
+    normalize: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigmoid loss with materialised logits: the contract of
+    :class:`palmtree.protocol.SigmoidPassLoss`, ``(N * share_r, sums)``."""
+    u = unit_rows(image, eps) if normalize else image.float()
+    v = unit_rows(text, eps) if normalize else text.float()
+    o, b, big = layout.offset, layout.b_local, layout.b_global
+    v_all = gather_rows_with_grad(v, layout)
+    logits = scale * _round_operand(u, precision) @ _round_operand(v_all, precision).T
+    rows = torch.arange(b, device=u.device)
+    positive = torch.zeros_like(logits, dtype=torch.bool)
+    positive[rows, o + rows] = True
+    x = logits + bias
+    terms = F.softplus(torch.where(positive, -x, x))
+    pos = terms[positive].sum()
+    neg = terms.masked_fill(positive, 0.0).sum()
+    share = (pos + neg) / big
+
+    with torch.no_grad():
+        u_all = gather_rows(u.detach(), layout)
+        text_rows = scale * _round_operand(v, precision) @ _round_operand(u_all, precision).T
+        sums = torch.stack([pos.detach(), neg.detach(), pos.new_zeros(()), pos.new_zeros(())])
+        if b:
+            for k, block in ((2, logits), (3, text_rows)):
+                sums[k] = (block[rows, o + rows] >= block.amax(1)).sum()
         all_reduce_(sums, layout)
     return layout.world_size * share, sums

@@ -1,7 +1,8 @@
-"""A drop-in for open_clip's ``ClipLoss`` that always computes the exact global loss.
+"""Drop-ins for open_clip's ``ClipLoss`` and ``SigLipLoss``: always the exact global loss.
 
 Replace ``from open_clip.loss import ClipLoss`` (or ``open_clip.ClipLoss``) with
-``from palmtree.compat.open_clip import ClipLoss``; nothing else changes. The
+``from palmtree.compat.open_clip import ClipLoss``, and likewise ``SigLipLoss``;
+nothing else changes (``SigLipLoss`` is described at the class). The
 constructor takes open_clip's arguments, ``forward(image_features, text_features,
 logit_scale, logit_bias=None, output_dict=False)`` has open_clip's meaning (unit
 features as the model gives them, ``logit_scale`` already exponentiated, no cap) and
@@ -61,6 +62,7 @@ from torch import nn
 from ..distributed import world
 from ..loss import ClipLossOutput, clip_loss_with
 from ..options import LossOptions
+from ..siglip import SigLipLossOutput, siglip_loss_with
 
 #: (local_loss, gather_with_grad) combinations already warned about in this process.
 _WARNED: set[tuple[bool, bool]] = set()
@@ -150,17 +152,6 @@ class ClipLoss(nn.Module):
         ).validated()
         self.last_output: ClipLossOutput | None = None
 
-    def _world_error(self, rank: int, world_size: int) -> str | None:
-        if self.world_size is not None and self.world_size != world_size:
-            return (
-                f"ClipLoss(world_size={self.world_size}) but the process group has "
-                f"{world_size} rank(s); palmtree takes the negatives of every rank in the "
-                "group (pass group= for a subset)"
-            )
-        if self.rank is not None and self.rank != rank:
-            return f"ClipLoss(rank={self.rank}) but this process is rank {rank} of the group"
-        return None
-
     def _warn_flags(self, world_size: int) -> None:
         key = (bool(self.local_loss), bool(self.gather_with_grad))
         why = wrong_flags_reason(*key, world_size)
@@ -193,15 +184,115 @@ class ClipLoss(nn.Module):
                 "(open_clip's SigLipLoss), and this is the softmax CLIP loss"
             )
         rank, world_size = world(self.options.group)
-        error = error or self._world_error(rank, world_size)
+        error = error or _world_error(self, rank, world_size)
         if error is None:
             self._warn_flags(world_size)
-        if isinstance(logit_scale, torch.Tensor) and logit_scale.is_floating_point():
-            logit_scale = torch.log(logit_scale.float())
-        elif isinstance(logit_scale, numbers.Real):
-            logit_scale = math.log(logit_scale) if logit_scale > 0 else -math.inf
         out = clip_loss_with(
-            self.options, image_features, text_features, logit_scale, local_error=error
+            self.options, image_features, text_features, _log(logit_scale), local_error=error
+        )
+        self.last_output = dataclasses.replace(out, loss=out.loss.detach())
+        return {"contrastive_loss": out.loss} if output_dict else out.loss
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return f"backend={o.backend!r}, precision={o.precision!r} (exact global loss)"
+
+
+def _world_error(loss: nn.Module, rank: int, world_size: int) -> str | None:
+    """open_clip's ``rank``/``world_size`` arguments against the process group's."""
+    name = type(loss).__name__
+    if loss.world_size is not None and loss.world_size != world_size:
+        return (
+            f"{name}(world_size={loss.world_size}) but the process group has "
+            f"{world_size} rank(s); palmtree takes the negatives of every rank in the "
+            "group (pass group= for a subset)"
+        )
+    if loss.rank is not None and loss.rank != rank:
+        return f"{name}(rank={loss.rank}) but this process is rank {rank} of the group"
+    return None
+
+
+def _log(logit_scale):
+    """open_clip passes ``exp(log temperature)``; palmtree's losses take the log."""
+    if isinstance(logit_scale, torch.Tensor) and logit_scale.is_floating_point():
+        return torch.log(logit_scale.float())
+    if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
+        return math.log(logit_scale) if logit_scale > 0 else -math.inf
+    return logit_scale  # the loss's own check reports what it is
+
+
+class SigLipLoss(nn.Module):
+    """open_clip's ``SigLipLoss``, exact on any number of ranks and any split of the batch.
+
+    open_clip passes text blocks around a ring of equal-shape tensors (``dist_impl``
+    ``"bidir"``, ``"shift"``, ``"reduce"`` or ``"gather"``) and divides each rank's sum by
+    its own batch size; on equal splits that is rank ``r``'s ``N * share_r`` of the global
+    sigmoid loss, which is what this class returns for *any* split, computed in one pass
+    over the rank's rows against the gathered texts (:func:`palmtree.siglip_loss`).
+
+    Args:
+        cache_labels, dist_impl: accepted for compatibility and ignored (every
+            ``dist_impl`` gives the same loss; no labels are materialised).
+        rank, world_size: checked against ``group`` (open_clip's training passes the
+            launcher's values; ``None`` skips the check). open_clip's defaults (0 and 1)
+            describe one process: on more ranks, pass the real values or ``None``.
+        group, backend, precision, chunk_size, check_finite: as in :class:`ClipLoss`.
+
+    ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False)``
+    takes open_clip's meaning: unit features as the model gives them, ``logit_scale``
+    already exponentiated, no cap. ``self.last_output`` keeps the last
+    :class:`~palmtree.SigLipLossOutput`, detached (``loss_global`` is the global loss).
+    """
+
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int | None = 0,
+        world_size: int | None = 1,
+        dist_impl: str | None = None,
+        *,
+        group=None,
+        backend: str = "auto",
+        precision: str | None = None,
+        chunk_size: int | None = None,
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        if dist_impl not in (None, "bidir", "shift", "reduce", "gather"):
+            raise ValueError(
+                f"dist_impl must be one of 'bidir', 'shift', 'reduce', 'gather', got {dist_impl!r}"
+            )
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl or "bidir"
+        self.options = LossOptions(
+            group=group,
+            backend=backend,
+            precision=precision,
+            chunk_size=chunk_size,
+            logit_scale_max=math.inf,
+            normalize=False,
+            check_finite=check_finite,
+        ).validated()
+        self.last_output: SigLipLossOutput | None = None
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | float,
+        output_dict: bool = False,
+    ):
+        rank, world_size = world(self.options.group)
+        out = siglip_loss_with(
+            self.options,
+            image_features,
+            text_features,
+            _log(logit_scale),
+            logit_bias,
+            local_error=_world_error(self, rank, world_size),
         )
         self.last_output = dataclasses.replace(out, loss=out.loss.detach())
         return {"contrastive_loss": out.loss} if output_dict else out.loss

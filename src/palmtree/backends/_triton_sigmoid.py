@@ -1,0 +1,148 @@
+"""Forward kernel of the sigmoid (SigLIP) loss: one pass of tiles, sums and maxima.
+
+The loss is elementwise, so the forward needs no statistics to normalise anything: a grid
+of (row block, column split) programs walks its ``S`` tiles (made exactly as the CLIP
+forward makes them) and adds ``softplus(-z (S + bias))`` into two per-program partial
+sums, the positives' and the negatives', which the host adds up (no atomics on the
+sums, so the loss is deterministic). The maxima that the accuracies need are combined
+with ``atomic_max``, whose result does not depend on the order. The backward is the
+CLIP backward kernel with its sigmoid ``G`` (:mod:`._triton_backward`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import interpreting, mma
+
+
+@triton.jit
+def _softplus(y):
+    """``log(1 + exp(y))`` without overflow, and with ``log1p``'s accuracy for small terms:
+    ``log(w) * e / (w - 1)`` with ``w = 1 + e`` corrects the rounding of ``w``."""
+    e = tl.exp(-tl.abs(y))
+    w = 1.0 + e
+    exact = w == 1.0
+    log1p_e = tl.where(exact, e, tl.log(w) * e / tl.where(exact, 1.0, w - 1.0))
+    return tl.maximum(y, 0.0) + log1p_e
+
+
+@triton.jit
+def _sigmoid_forward_kernel(
+    U,
+    V,
+    SCALE,
+    BIAS,
+    PART_SUMS,
+    ROW_MAX,
+    COL_MAX,
+    DIAG,
+    b,
+    n_cols,
+    D,
+    diag_shift,
+    stride_u,
+    stride_v,
+    tiles_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SINGLE_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < b
+    u_rows = U + rows.to(tl.int64)[:, None] * stride_u
+    ks = tl.arange(0, BLOCK_K)
+    scale = tl.load(SCALE)
+    bias = tl.load(BIAS)
+    if SINGLE_K:
+        u = tl.load(u_rows + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    diag = tl.zeros((BLOCK_M,), tl.float32)
+    pos_sum = tl.zeros((BLOCK_M,), tl.float32)
+    neg_sum = tl.zeros((BLOCK_M,), tl.float32)
+    n_begin = pid_s * tiles_per_split * BLOCK_N
+    n_end = tl.minimum(n_begin + tiles_per_split * BLOCK_N, n_cols)
+    for start in range(n_begin, n_end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        v_rows = V + cols.to(tl.int64)[:, None] * stride_v
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        if SINGLE_K:
+            v = tl.load(v_rows + ks[None, :], mask=col_ok[:, None] & (ks < D)[None, :], other=0.0)
+            acc = mma(u, tl.trans(v), acc, PRECISION, INTERPRET)
+        else:
+            for k in range(0, D, BLOCK_K):
+                kk = k + ks
+                k_ok = kk < D
+                a = tl.load(u_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                v = tl.load(v_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                acc = mma(a, tl.trans(v), acc, PRECISION, INTERPRET)
+        ok = row_ok[:, None] & col_ok[None, :]
+        s = tl.where(ok, acc * scale, float("-inf"))
+        positive = ok & (cols[None, :] == rows[:, None] + diag_shift)
+        diag += tl.sum(tl.where(positive, s, 0.0), axis=1)
+        m_i = tl.maximum(m_i, tl.max(s, axis=1))
+        tl.atomic_max(COL_MAX + cols, tl.max(s, axis=0), mask=col_ok, sem="relaxed")
+
+        x = acc * scale + bias
+        terms = _softplus(tl.where(positive, -x, x))
+        pos_sum += tl.sum(tl.where(positive, terms, 0.0), axis=1)
+        negative = ok & (cols[None, :] != rows[:, None] + diag_shift)
+        neg_sum += tl.sum(tl.where(negative, terms, 0.0), axis=1)
+
+    tl.atomic_max(ROW_MAX + rows, m_i, mask=row_ok, sem="relaxed")
+    pos_col = rows + diag_shift
+    tl.store(DIAG + rows, diag, mask=row_ok & (pos_col >= n_begin) & (pos_col < n_end))
+    part = (pid_m * tl.num_programs(1) + pid_s) * 2
+    tl.store(PART_SUMS + part, tl.sum(pos_sum, axis=0))
+    tl.store(PART_SUMS + part + 1, tl.sum(neg_sum, axis=0))
+
+
+def sigmoid_forward_stats(uq, vq, scale, bias, offset, precision, plan):
+    """``(pos_sum, neg_sum, row_max, col_max, diag)`` of the sigmoid loss's block
+    (:class:`palmtree.backends.base.SigmoidStats`) for rounded operands ``uq, vq``."""
+    b, dim = uq.shape
+    big = vq.shape[0]
+    f32 = dict(dtype=torch.float32, device=uq.device)
+    bm, bn = plan.block_m, plan.block_n
+    row_blocks = triton.cdiv(b, bm)
+    n_split, tiles_per_split = plan.splits(row_blocks, triton.cdiv(big, bn))
+    part_sums = torch.empty(row_blocks * n_split * 2, **f32)
+    row_max = torch.full((b,), -torch.inf, **f32)
+    col_max = torch.full((big,), -torch.inf, **f32)
+    diag = torch.empty(b, **f32)
+    _sigmoid_forward_kernel[(row_blocks, n_split)](
+        U=uq,
+        V=vq,
+        SCALE=scale,
+        BIAS=bias,
+        PART_SUMS=part_sums,
+        ROW_MAX=row_max,
+        COL_MAX=col_max,
+        DIAG=diag,
+        b=b,
+        n_cols=big,
+        D=dim,
+        diag_shift=offset,
+        stride_u=uq.stride(0),
+        stride_v=vq.stride(0),
+        tiles_per_split=tiles_per_split,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=plan.block_k,
+        SINGLE_K=plan.block_k >= dim,
+        PRECISION=precision,
+        INTERPRET=interpreting(),
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+    )
+    pos_sum, neg_sum = part_sums.view(-1, 2).sum(0).unbind()
+    return pos_sum, neg_sum, row_max, col_max, diag
