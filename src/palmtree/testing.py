@@ -157,8 +157,8 @@ def reference(
     it over ranks (default: one rank) and ``weights`` are the ranks' upstream gradients.
     ``precision`` is the matmul operand mode whose rounding the bounds allow for.
     Works in row blocks of ``block`` rows (memory ``O(block * B)``), so it runs at any
-    ``B`` that fits ``B x D`` float64 features, on the device of ``img`` (a GPU computes
-    it in seconds where a CPU takes minutes); the results are tensors on that device.
+    ``B`` that fits ``B x D`` float64 features, on the device of ``img``; the results are
+    tensors on that device.
     """
     img, txt = img.detach(), txt.detach()
     big, dim = img.shape

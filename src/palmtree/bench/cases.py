@@ -1,0 +1,147 @@
+"""What ``palmtree bench`` measures: one case, the default grid, the inputs, why a case
+cannot run here, and the loss callable of each implementation and precision.
+
+A case is one forward+backward of the bidirectional loss of one implementation (a
+palmtree backend or a peer) in one operand precision, on a global batch of ``batch``
+pairs of width ``dim``, in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import clip_loss, testing
+from ..backends import BACKENDS, fused_can_run, get_kernels
+from . import peers
+
+#: Sizes, precisions, timed runs and warm-up runs when the command line names none.
+DEFAULTS = {
+    "cpu": dict(batch_sizes=[1024, 2048, 4096, 8192], precisions=["ieee"], repeats=5, warmup=1),
+    "cuda": dict(
+        batch_sizes=[8192, 32768, 65536, 131072],
+        precisions=["ieee", "tf32", "bf16"],
+        repeats=5,
+        warmup=2,
+    ),
+}
+QUICK = dict(batch_sizes=[64, 128], dims=[32], repeats=1, warmup=1)
+#: Text = image direction + this much independent noise (``testing.make_pairs``'s
+#: "correlated" pairs): a positive pair's cosine is ~0.55, and with the default
+#: temperature and D=512 the loss is ~0.4 at B=1024 and ~3 at B=131072, far from both a
+#: trivial batch (0) and an uncorrelated one (log B).
+NOISE = 1.5
+LOG_SCALE = math.log(1 / 0.07)
+SCALE_CAP = 100.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement; JSON-serialisable, so that a worker process can run it."""
+
+    impl: str
+    precision: str
+    batch: int
+    dim: int
+    device: str
+    repeats: int
+    warmup: int
+    seed: int
+    log_scale: float
+    chunk_size: int | None = None
+    oracle: str | None = None  # file holding the float64 truth (process isolation)
+    mem_limit_mb: int | None = None
+    threads: int | None = None  # CPU threads (torch.set_num_threads)
+
+
+def make_inputs(batch: int, dim: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The benchmark's (image, text) features: ``testing.make_pairs`` with ``NOISE``, fp32.
+
+    Drawn on the CPU from a seeded generator and then moved, so every process and every
+    device sees the same values for the same ``(batch, dim, seed)``.
+    """
+    img, txt = testing.make_pairs(batch, dim, seed, kind="correlated", noise=NOISE)
+    return img.to(device), txt.to(device)
+
+
+def skip_reason(impl: str, precision: str, device: torch.device) -> str | None:
+    """Why a case cannot run here, decided before it is started; ``None`` if it can."""
+    if impl in BACKENDS:
+        if impl == "fused" and not fused_can_run(device):
+            return f"fused needs CUDA and Triton (device is {device.type})"
+        return None
+    why = peers.peer_status(impl, device)
+    if why is not None:
+        return why
+    if impl == "inf_cl" and precision != "tf32":
+        return "Inf-CL computes in TF32 only (run it with --precisions tf32)"
+    if impl == "open_clip" and precision == "tf32" and device.type != "cuda":
+        return "no TF32 on a CPU"
+    return None
+
+
+@contextlib.contextmanager
+def case_context(case: Case, device: torch.device):
+    """What a case runs inside: the peers' precision mode, and Inf-CL's process group.
+
+    Peers have no precision argument: ``bf16`` runs them under bf16 autocast and
+    ``tf32`` with ``allow_tf32`` on CUDA. Inf-CL's temperature gradient all-reduces even
+    on one process, so it gets a world-size-1 group.
+    """
+    with contextlib.ExitStack() as stack:
+        if case.impl == "inf_cl":
+            stack.enter_context(peers.single_rank_group(device))
+        if case.impl in peers.PEERS and case.precision == "bf16":
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+        elif device.type == "cuda":
+            stack.enter_context(_Tf32(case.precision == "tf32"))
+        yield
+
+
+class _Tf32:
+    """Sets ``torch.backends.cuda.matmul.allow_tf32`` for the duration."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.enabled
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def loss_fn(case: Case) -> LossFn:
+    """``loss(img, txt, log_scale)`` of ``case.impl``, its imports done now (not timed)."""
+    if case.impl in BACKENDS:
+        if case.impl in ("chunked", "fused"):
+            get_kernels(case.impl)  # import now, not inside the measured region
+
+        def run(img, txt, log_scale):
+            out = clip_loss(
+                img,
+                txt,
+                log_scale,
+                backend=case.impl,
+                precision=case.precision,
+                chunk_size=case.chunk_size,
+                logit_scale_max=SCALE_CAP,
+            )
+            return out.loss
+
+        return run
+    if case.impl == "open_clip":
+        peers.load_open_clip_loss_module()
+        return peers.open_clip_loss
+    if case.impl == "inf_cl":
+        peers.load_inf_cl()
+        return peers.inf_cl_loss
+    raise ValueError(f"unknown impl {case.impl!r}")
