@@ -8,6 +8,7 @@ flag combinations (which are exact, which are wrong and how), against float64.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 from world import World
 
 import palmtree.compat.open_clip as compat
-from palmtree import ClipLossInputError
-from palmtree.peers import PeerUnavailable, load_open_clip_loss_module
+from palmtree import ClipLossInputError, testing
+from palmtree.bench.peers import PeerUnavailable, load_open_clip_loss_module
 from palmtree.testing import make_pairs
 
 try:
@@ -241,3 +242,93 @@ def test_no_warning_on_one_rank():
     assert compat.wrong_flags_reason(True, False, 1) is None
     assert compat.wrong_flags_reason(False, True, 4) is None
     assert "1/world_size" in compat.wrong_flags_reason(False, False, 4)
+
+
+# --- SigLipLoss --------------------------------------------------------------------------
+
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+LOG_BIAS = -10.0
+
+
+def run_siglip(loss_fn, rank, sizes, seed):
+    """One rank's (loss, gradients) through an open_clip-style ``SigLipLoss``."""
+    img, txt = unit_batch(sum(sizes), seed)
+    o, b = sum(sizes[:rank]), sizes[rank]
+    i = img[o : o + b].clone().requires_grad_()
+    t = txt[o : o + b].clone().requires_grad_()
+    theta = torch.tensor(math.log(10.0), requires_grad=True)
+    bias = torch.tensor(LOG_BIAS, requires_grad=True)
+    loss = loss_fn(i, t, theta.exp(), bias)
+    loss.backward()
+    return {
+        "loss": loss.detach(),
+        "d_img": i.grad,
+        "d_txt": t.grad,
+        "d_scale": theta.grad,
+        "d_bias": bias.grad,
+    }
+
+
+def siglip_every_dist_impl(rank, n, sizes, seed):
+    peer = load_open_clip_loss_module()
+    out = {}
+    for impl in DIST_IMPLS:
+        kw = dict(rank=rank, world_size=n, dist_impl=impl)
+        out["open_clip", impl] = run_siglip(peer.SigLipLoss(**kw), rank, sizes, seed)
+        ours = compat.SigLipLoss(**kw, backend="chunked", precision="ieee")
+        out["palmtree", impl] = run_siglip(ours, rank, sizes, seed)
+    return out
+
+
+def siglip_uneven(rank, n, sizes, seed, backend):
+    ours = compat.SigLipLoss(rank=rank, world_size=n, backend=backend, precision="ieee")
+    return run_siglip(ours, rank, sizes, seed)
+
+
+def test_siglip_equals_open_clip_for_every_dist_impl(world):
+    n = world.size
+    results = world.run(siglip_every_dist_impl, [6] * n, 13)
+    for impl in DIST_IMPLS:
+        for r in results:
+            ours, peer = r["palmtree", impl], r["open_clip", impl]
+            torch.testing.assert_close(ours["loss"], peer["loss"], rtol=2e-6, atol=1e-6)
+            for k in ("d_img", "d_txt"):
+                assert rel(ours[k], peer[k]) < 1e-5, (impl, k)
+            for k in ("d_scale", "d_bias"):
+                torch.testing.assert_close(ours[k], peer[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_siglip_uneven_splits_are_exact(world, backend):
+    """What open_clip's ring cannot do: ranks of different sizes, one empty on 3 ranks."""
+    n = world.size
+    sizes = [3, 6] if n == 2 else [4, 0, 5]
+    results = world.run(siglip_uneven, sizes, 5, backend)
+    img, txt = unit_batch(sum(sizes), 5)
+    exact = testing.siglip_reference(
+        img,
+        txt,
+        math.log(10.0),
+        LOG_BIAS,
+        sizes=sizes,
+        logit_scale_max=math.inf,
+        normalize=False,
+    )
+    for r, res in enumerate(results):
+        want, bound = n * exact.shares[r], n * float(exact.share_bounds[r])
+        testing.check_scalar(f"loss on rank {r}", res["loss"], want, bound)
+    d_img, d_txt, d_scale = effective(results)
+    assert rel(d_img, exact.d_img) < 1e-5 and rel(d_txt, exact.d_txt) < 1e-5
+    testing.check_scalar("d_scale", d_scale, exact.d_scale, exact.d_scale_bound)
+    d_bias = torch.stack([res["d_bias"].double() for res in results]).mean()
+    testing.check_scalar("d_bias", d_bias, exact.d_bias, exact.d_bias_bound)
+
+
+def test_siglip_default_world_is_one_process():
+    """open_clip's defaults (rank 0 of 1) work in one process, as open_clip's do."""
+    peer = load_open_clip_loss_module().SigLipLoss()
+    want = run_siglip(peer, 0, [7], 2)
+    got = run_siglip(compat.SigLipLoss(), 0, [7], 2)
+    torch.testing.assert_close(got["loss"], want["loss"], rtol=2e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="dist_impl"):
+        compat.SigLipLoss(dist_impl="ring")
