@@ -6,7 +6,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from towers import TwoTower, tower_batch
 
 import palmtree
 from palmtree.testing import make_pairs
@@ -177,30 +177,6 @@ def padded_tokens_do_not_matter(rank, n):
 
 def empty_world(rank, n, backend):
     palmtree.clip_loss(torch.empty(0, 8), torch.empty(0, 8), torch.tensor(2.0), backend=backend)
-
-
-class TwoTower(nn.Module):
-    """Tiny image and text towers of different widths, joined by the loss' projections."""
-
-    def __init__(self, backend, loss="clip"):
-        super().__init__()
-        torch.manual_seed(0)
-        self.image = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 10))
-        self.text = nn.Sequential(nn.Embedding(20, 6), nn.Linear(6, 7))
-        kind = palmtree.ClipLoss if loss == "clip" else palmtree.SigLipLoss
-        self.loss = kind(image_dim=10, text_dim=7, embed_dim=8, backend=backend)
-
-    def forward(self, pixels, tokens, mask):
-        return self.loss(self.image(pixels), self.text(tokens), text_mask=mask)
-
-
-def tower_batch(big, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(big, 12, generator=g)
-    tokens = torch.randint(0, 20, (big, 5), generator=g)
-    lengths = torch.randint(1, 6, (big,), generator=g)
-    mask = (torch.arange(5)[None, :] < lengths[:, None]).long()
-    return pixels, tokens, mask
 
 
 def ddp_gradients(rank, n, backend, sizes, loss="clip"):

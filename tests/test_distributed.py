@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 from dist_cases import (
-    TwoTower,
     ddp_gradients,
     empty_world,
     loss_and_grads,
@@ -22,11 +21,10 @@ from dist_cases import (
     raises_on_bad_option,
     siglip_loss_and_grads,
     subgroup_loss,
-    tower_batch,
 )
+from towers import check_gradients, gradients, split, tower_batch
 from world import World
 
-import palmtree
 from palmtree import testing
 from palmtree.backends import triton_available
 
@@ -214,64 +212,15 @@ def test_empty_global_batch_is_an_error(world):
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_ddp_gradients_equal_single_process(world, backend, loss):
-    """A DDP-wrapped two-tower model on uneven ranks against the same model in float64.
-
-    Weight matrices: within 2x the error of the single-process fp32 model. The scalar
-    parameters (temperature, bias): the single-process fp32 error plus twice the loss's
-    own derived bound at the towers' fp32 features (both runs share the towers' rounding
-    and differ only in the loss, each within that bound of the truth).
-    """
+    """A DDP-wrapped two-tower model on uneven ranks against the same model in float64
+    (:func:`towers.check_gradients` says how close)."""
     n = world.size
     sizes = SPLITS[n][-1]
     grads = world.run(ddp_gradients, backend, sizes, loss)
-    exact, plain, scalar_bounds = _tower_truth(backend, loss, sizes)
-    for name, want in exact.items():
-        for rank, g in enumerate(grads):
-            if want.numel() > 1:
-                testing.check_tensor(f"{name} on rank {rank}", g[name], plain[name], want)
-            else:
-                bound = testing.max_error(plain[name], want) + 2 * scalar_bounds[name]
-                testing.check_scalar(f"{name} on rank {rank}", g[name], want, bound)
-
-
-def _tower_truth(backend, loss, sizes):
-    """Gradients of the towers in float64 and in plain fp32 (one process), and the loss's
-    bounds on its scalar parameters' gradients at the fp32 features."""
-    pixels, tokens, mask = tower_batch(sum(sizes))
-    model = TwoTower(backend, loss)
-    model(pixels, tokens, mask).loss.backward()
-    plain = {name: p.grad.clone() for name, p in model.named_parameters()}
-
-    exact_model = TwoTower(backend, loss).double()
-    img = exact_model.loss.image_proj(exact_model.image(pixels.double()))
-    txt = palmtree.masked_mean_pool(exact_model.loss.text_proj(exact_model.text(tokens)), mask)
-    _float64_loss(loss, img, txt, exact_model.loss).backward()
-    exact = {name: p.grad for name, p in exact_model.named_parameters()}
-
-    with torch.no_grad():
-        img32 = model.loss.image_proj(model.image(pixels))
-        txt32 = palmtree.masked_mean_pool(model.loss.text_proj(model.text(tokens)), mask)
-    theta = float(model.loss.logit_scale.detach())
-    if loss == "clip":
-        ref = testing.reference(img32, txt32, theta)
-        bounds = {"loss.logit_scale": ref.d_scale_bound}
-    else:
-        ref = testing.siglip_reference(img32, txt32, theta, float(model.loss.logit_bias.detach()))
-        bounds = {"loss.logit_scale": ref.d_scale_bound, "loss.logit_bias": ref.d_bias_bound}
-    return exact, plain, bounds
-
-
-def _float64_loss(loss, img, txt, module):
-    """The global loss of the whole batch in float64, plainly (materialised logits)."""
-    u = torch.nn.functional.normalize(img, dim=1, eps=1e-6)
-    v = torch.nn.functional.normalize(txt, dim=1, eps=1e-6)
-    logits = module.logit_scale.exp().clamp(max=100.0) * u @ v.T
-    labels = torch.arange(len(u))
-    if loss == "clip":
-        ce = torch.nn.functional.cross_entropy
-        return (ce(logits, labels) + ce(logits.T, labels)) / 2
-    z = 2 * torch.eye(len(u), dtype=u.dtype) - 1
-    return torch.nn.functional.softplus(-z * (logits + module.logit_bias)).sum() / len(u)
+    pieces = [[piece] for piece in split(tower_batch(sum(sizes)), sizes)]
+    exact, plain, bounds = gradients(loss, backend, pieces)
+    for rank, got in enumerate(grads):
+        check_gradients(got, exact, plain, bounds, f" on rank {rank}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

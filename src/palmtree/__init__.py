@@ -5,6 +5,7 @@ give, on any number of ranks and any split of the global batch, the loss and gra
 of one process on the whole global batch.
 """
 
+from .accumulate import accumulate
 from .distributed import ClipLossInputError
 from .loss import ClipLoss, ClipLossOutput, clip_loss
 from .pooling import masked_mean_pool
@@ -17,6 +18,7 @@ __all__ = [
     "ClipLossOutput",
     "SigLipLoss",
     "SigLipLossOutput",
+    "accumulate",
     "capped_scale",
     "clip_loss",
     "masked_mean_pool",
