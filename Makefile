@@ -8,8 +8,11 @@ TORCH_PIN := torch==2.13.0
 # requirements (torchvision, timm) would pull another torch; only its loss.py is used.
 PEERS := open-clip-torch==3.3.0
 STAMP := $(VENV)/.installed
+# What the lent GPU machine lacks (its own Python 3.12, no registry): pure-Python wheels
+# that `run` carries in .whl/ (ignored by git) and benchmarks/gpu_check.sh installs.
+GPU_WHEELS := $(PEERS) inf-cl==1.2.1
 
-.PHONY: setup test lint format demo bench verify clean
+.PHONY: setup test test-cpus lint format demo bench verify audit gpu-wheels gpu-check-dry clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +26,21 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The numerical tests again on emulated older CPUs, so that a result depending on which
+# BLAS or SIMD kernel the machine picks fails here, not on a user's machine: AVX2 without
+# AVX-512, then AVX only. Each line sets OpenBLAS (NumPy, hence the Triton interpreter),
+# MKL and ATen (PyTorch) and NumPy's own dispatch.
+NUMERIC_TESTS := tests/test_loss.py tests/test_fused.py tests/test_distributed.py \
+	tests/test_compat_open_clip.py
+AVX2_CPU := OPENBLAS_CORETYPE=Haswell MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+	NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
+AVX_CPU := OPENBLAS_CORETYPE=SandyBridge MKL_ENABLE_INSTRUCTIONS=AVX ATEN_CPU_CAPABILITY=default \
+	NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4 AVX512_ICL AVX512_SPR"
+
+test-cpus: $(STAMP)
+	$(AVX2_CPU) $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS)
+	$(AVX_CPU) $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples benchmarks
@@ -40,6 +58,19 @@ bench: $(STAMP)
 
 verify: $(STAMP)
 	$(BIN)/palmtree verify --nproc 3
+
+# Compile every fused kernel for sm_90 and sm_80 (no GPU needed); refresh docs/kernels.md.
+audit: $(STAMP)
+	env -u TRITON_INTERPRET $(BIN)/python benchmarks/compile_audit.py --write-docs docs/kernels.md
+
+gpu-wheels:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+
+# benchmarks/gpu_check.sh at tiny sizes on this CPU (tests/test_gpu_check.py runs it too).
+gpu-check-dry: $(STAMP)
+	SMOKE=1 PY=$(BIN)/python OUT=runs/gpu-check-dry bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -25,6 +25,11 @@ BACKENDS = ("auto", "reference", "chunked", "fused")
 FUSED_BY_DEFAULT: tuple[str, ...] = ()
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -33,7 +38,7 @@ def fused_can_run(device: torch.device) -> bool:
     """Fused kernels run on CUDA, or anywhere under ``TRITON_INTERPRET=1``."""
     if not triton_available():
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or interpreting()
 
 
 def _fused_by_default(device: torch.device) -> bool:

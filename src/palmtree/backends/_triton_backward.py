@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import interpreting, mma, round_operand
+from . import interpreting
+from ._triton_utils import mma, round_operand
 
 
 @triton.jit

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import interpreting, mma
+from . import interpreting
+from ._triton_utils import mma
 
 _COMBINE_BLOCK = 256
 

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import interpreting, mma
+from . import interpreting
+from ._triton_utils import mma
 
 
 @triton.jit

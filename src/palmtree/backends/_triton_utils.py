@@ -9,15 +9,8 @@ cast_operand` rounds it.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

@@ -39,27 +39,24 @@ versions on CUDA.
 
 ``chunk_size`` is ignored: tiles come from :class:`TilePlan`, column segments from the
 partials budget. Triton is imported only when a kernel first runs. The CUDA block sizes
-are the largest that compile for sm_90 without register spills (checked with ptxas), not
-timed: the ``BLOCK x next_pow2(D)`` fp32 gradient accumulator lives in registers, so
-backward blocks shrink as ``D`` grows (16 rows at ``D > 512``; ``D >= 2048`` spills).
+are the largest that compile for sm_90 without register spills up to ``D = 1024`` (the
+compile audit, ``tests/test_compile_audit.py``, checks every launch in CI), not timed:
+the ``BLOCK x next_pow2(D)`` fp32 gradient accumulator lives in registers, so backward
+blocks shrink as ``D`` grows (16 rows at ``D > 512``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 
 from ..precision import round_to_tf32
+from . import interpreting
 from .base import PRECISIONS, ForwardStats, GradientTerms, SigmoidStats, zero_grads
 
 BWD_MODES = ("two_kernels", "atomic")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -92,10 +89,10 @@ class TilePlan:
 
     @classmethod
     def for_problem(cls, dim: int, device: torch.device, precision: str) -> TilePlan:
-        """Blocks that compile without register spills for sm_90 up to ``D = 1024`` (checked
-        with ptxas; speed itself is untuned)."""
+        """Blocks that compile without register spills for sm_90 up to ``D = 1024`` (the
+        compile audit checks it; speed itself is untuned)."""
         block_d = max(16, 1 << max(dim - 1, 0).bit_length())
-        if _interpreting() or device.type != "cuda":
+        if interpreting() or device.type != "cuda":
             # The interpreter runs each program in numpy: few, whole-D programs are fastest.
             return cls(
                 block_d=block_d,
@@ -138,11 +135,15 @@ class TilePlan:
         block_k = 16 if ieee else min(block_d, 64 if precision == "bf16" else 32)
         if block_d <= 64 and not ieee:
             block_k = block_d
-        # Backward: the BLOCK_M x D fp32 accumulator lives in registers.
-        if block_d <= 128 or (block_d == 256 and not ieee):
+        # Backward: the BLOCK_M x D fp32 accumulator lives in registers; ieee's FMA loops
+        # need more of them, so its blocks are smaller (the largest without spills on
+        # sm_90 for both losses and both bwd_modes, per the compile audit).
+        if ieee:
+            own, other = (32, 64) if block_d <= 256 else (32, 32) if block_d == 512 else (16, 16)
+        elif block_d <= 256:
             own, other = 64, 64
-        elif block_d <= 512:
-            own, other = 32, 32 if ieee and block_d == 512 else 64
+        elif block_d == 512:
+            own, other = 32, 64
         else:
             own, other = 16, 32
         return cls(
