@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import palmtree  # palmtree
+from palmtree.launch_utils import init_process_group, shutdown_process_group
 
 CONCEPTS, PIXELS, VOCAB, LENGTH = 64, 24, 100, 6
 
@@ -65,16 +66,25 @@ def main(argv=None) -> int:
     launched = "RANK" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if launched:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if launched else 0
+    if not launched:
+        train(args, device)
+        return 0
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # Set up and tear down as palmtree's own commands do (see palmtree/launch_utils.py):
+    # torch's gloo process group can otherwise outlive the run and abort the process at exit.
+    init_process_group("nccl" if device.type == "cuda" else "gloo")
+    train(args, device)  # returns with the DDP model gone, as the teardown needs
+    shutdown_process_group()  # a barrier, then the group is destroyed
+    return 0
 
+
+def train(args, device) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts them)
     model = TwoTowers().to(device)
-    if launched:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if dist.is_initialized():
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     for step in range(1, args.steps + 1):
@@ -91,10 +101,6 @@ def main(argv=None) -> int:
                 f"global batch {m['b_global']}",
                 flush=True,
             )
-    if launched:
-        dist.barrier()  # no rank tears the group down while another still talks to it
-        dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

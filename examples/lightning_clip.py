@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import palmtree
+from palmtree.launch_utils import shutdown_process_group
 
 try:
     import lightning.pytorch as pl
@@ -74,6 +75,18 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32, help="pairs per rank")
     args = p.parse_args(argv)
 
+    summary = fit(args)  # returns with the trainer and its DDP model gone
+    # Lightning leaves its process group to the interpreter's exit, where gloo's worker
+    # threads can abort the process; end it here, as palmtree's own commands do (see
+    # palmtree/launch_utils.py).
+    shutdown_process_group()
+    if summary is not None:
+        print(summary, flush=True)
+    return 0
+
+
+def fit(args) -> str | None:
+    """Trains; rank 0 returns its summary line, the other ranks ``None``."""
     torch.manual_seed(0)
     model = LitClip()
     data = DataLoader(synthetic_pairs(4096), batch_size=args.batch, shuffle=True)
@@ -89,15 +102,14 @@ def main(argv=None) -> int:
         enable_model_summary=False,
     )
     trainer.fit(model, data)
-    if trainer.is_global_zero:
-        m = model.last_metrics
-        print(
-            f"step {trainer.global_step}/{args.steps}  loss {m['loss']:.4f}  "
-            f"acc i2t {m['acc_i2t']:.3f}  scale {m['logit_scale']:.2f}  "
-            f"global batch {m['b_global']} over {trainer.world_size} rank(s)",
-            flush=True,
-        )
-    return 0
+    if not trainer.is_global_zero:
+        return None
+    m = model.last_metrics
+    return (
+        f"step {trainer.global_step}/{args.steps}  loss {m['loss']:.4f}  "
+        f"acc i2t {m['acc_i2t']:.3f}  scale {m['logit_scale']:.2f}  "
+        f"global batch {m['b_global']} over {trainer.world_size} rank(s)"
+    )
 
 
 if __name__ == "__main__":

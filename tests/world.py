@@ -29,11 +29,12 @@ class Raised:
 def _worker(rank, world_size, port, tasks, results):
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
-    import torch.distributed as dist
+
+    from palmtree.launch_utils import init_process_group, shutdown_process_group
 
     torch.set_num_threads(1)
     if world_size > 0:
-        dist.init_process_group(
+        init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
     while True:
@@ -47,7 +48,7 @@ def _worker(rank, world_size, port, tasks, results):
             out = Raised(type(exc).__name__, str(exc), traceback.format_exc())
         results.put((rank, out))
     if world_size > 0:
-        dist.destroy_process_group()
+        shutdown_process_group()  # a barrier, then a teardown that frees gloo's threads
 
 
 class World:
