@@ -13,41 +13,22 @@ from palmtree.testing import make_pairs
 
 
 def loss_and_grads(rank, n, backend, precision, sizes, weights, dim, seed, log_scale, **kw):
-    """This rank's slice of the seeded global batch through ``clip_loss`` and backward."""
+    """This rank's slice of the seeded global batch through the loss and its backward:
+    ``clip_loss``, or ``siglip_loss`` when a ``bias`` is given."""
     img, txt = make_pairs(sum(sizes), dim, seed, kind=kw.pop("kind", "correlated"))
     o, b = sum(sizes[:rank]), sizes[rank]
     i = img[o : o + b].clone().requires_grad_()
     t = txt[o : o + b].clone().requires_grad_()
-    ls = torch.tensor(log_scale, requires_grad=True)
-    out = palmtree.clip_loss(i, t, ls, backend=backend, precision=precision, **kw)
+    params = {"d_scale": torch.tensor(log_scale, requires_grad=True)}
+    kw.update(backend=backend, precision=precision)
+    if "bias" in kw:
+        params["d_bias"] = torch.tensor(kw.pop("bias"), requires_grad=True)
+        out = palmtree.siglip_loss(i, t, *params.values(), **kw)
+    else:
+        out = palmtree.clip_loss(i, t, params["d_scale"], **kw)
     (out.loss * weights[rank]).backward()
-    return {
-        "loss": out.loss.detach(),
-        "metrics": out.metrics(),
-        "d_img": i.grad,
-        "d_txt": t.grad,
-        "d_scale": ls.grad,
-    }
-
-
-def siglip_loss_and_grads(rank, n, backend, sizes, weights, dim, seed, log_scale, bias, **kw):
-    """This rank's slice of the seeded global batch through ``siglip_loss`` and backward."""
-    img, txt = make_pairs(sum(sizes), dim, seed, kind=kw.pop("kind", "correlated"))
-    o, b = sum(sizes[:rank]), sizes[rank]
-    i = img[o : o + b].clone().requires_grad_()
-    t = txt[o : o + b].clone().requires_grad_()
-    ls = torch.tensor(log_scale, requires_grad=True)
-    lb = torch.tensor(bias, requires_grad=True)
-    out = palmtree.siglip_loss(i, t, ls, lb, backend=backend, precision="ieee", **kw)
-    (out.loss * weights[rank]).backward()
-    return {
-        "loss": out.loss.detach(),
-        "metrics": out.metrics(),
-        "d_img": i.grad,
-        "d_txt": t.grad,
-        "d_scale": ls.grad,
-        "d_bias": lb.grad,
-    }
+    grads = {name: p.grad for name, p in params.items()}
+    return dict(loss=out.loss.detach(), metrics=out.metrics(), d_img=i.grad, d_txt=t.grad, **grads)
 
 
 def subgroup_loss(rank, n, backend, sizes, loss="clip"):

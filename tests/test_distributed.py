@@ -19,7 +19,6 @@ from dist_cases import (
     padded_tokens_do_not_matter,
     raises_on_bad_input,
     raises_on_bad_option,
-    siglip_loss_and_grads,
     subgroup_loss,
 )
 from towers import check_gradients, gradients, split, tower_batch
@@ -231,14 +230,15 @@ def test_siglip_matches_single_process(world, backend):
         for weights in ([1.0] * n, UPSTREAM[:n]):
             log_scale, bias = math.log(10.0), -4.0 + k
             results = world.run(
-                siglip_loss_and_grads,
+                loss_and_grads,
                 backend,
+                "ieee",
                 sizes,
                 weights,
                 24,
                 200 + k,
                 log_scale,
-                bias,
+                bias=bias,
                 chunk_size=5,
             )
             img, txt = testing.make_pairs(sum(sizes), 24, 200 + k)

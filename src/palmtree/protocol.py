@@ -126,6 +126,27 @@ def complete_columns(stats: ForwardStats, layout: Layout):
     return global_max, sums[0], sums[1]
 
 
+def _unit_inputs(ctx, image, text, opts: PassOptions):
+    """This rank's unit image rows and every rank's unit text rows; ``ctx`` keeps what the
+    backward needs to return gradients w.r.t. the raw features in their dtypes."""
+    ctx.dtypes = image.dtype, text.dtype
+    u, u_norms = unit_rows(image, opts.normalize, opts.eps)
+    v, v_norms = unit_rows(text, opts.normalize, opts.eps)
+    ctx.norms = u_norms, v_norms
+    return u, gather_rows(v, opts.layout)
+
+
+def _input_grads(ctx, du, dv_partial, u, v_all):
+    """The raw features' gradients: every rank's ``dV`` partials summed and sent home,
+    then through the normalisation, in the features' dtypes."""
+    layout = ctx.opts.layout
+    o, b = layout.offset, layout.b_local
+    dv = reduce_scatter_rows(dv_partial, layout)
+    (u_norms, v_norms), (image_dtype, text_dtype) = ctx.norms, ctx.dtypes
+    du = unit_rows_backward(du, u, u_norms, image_dtype)
+    return du, unit_rows_backward(dv, v_all[o : o + b], v_norms, text_dtype)
+
+
 def _refuse_double_backward(ctx) -> None:
     """The single-pass backwards are not differentiable: say so rather than return a
     second derivative that silently misses the loss's part."""
@@ -147,11 +168,8 @@ class SinglePassLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, text, scale, opts: PassOptions):
         layout = opts.layout
-        ctx.dtypes = image.dtype, text.dtype
-        u, u_norms = unit_rows(image, opts.normalize, opts.eps)
-        v, v_norms = unit_rows(text, opts.normalize, opts.eps)
+        u, v_all = _unit_inputs(ctx, image, text, opts)
         o, b, big = layout.offset, layout.b_local, layout.b_global
-        v_all = gather_rows(v, layout)
         stats = opts.kernels.forward(u, v_all, scale, o, opts.precision, opts.chunk_size)
         col_max, col_neg, col_sum = complete_columns(stats, layout)
 
@@ -169,7 +187,6 @@ class SinglePassLoss(torch.autograd.Function):
         all_reduce_(sums, layout)
 
         ctx.opts = opts
-        ctx.norms = u_norms, v_norms
         ctx.save_for_backward(
             u, v_all, scale, stats.row_max, stats.row_sum, col_max, col_sum, stats.diag
         )
@@ -207,11 +224,7 @@ class SinglePassLoss(torch.autograd.Function):
         du, dv_partial, dscale = opts.kernels.backward(
             u, v_all, scale, o, opts.precision, opts.chunk_size, terms
         )
-        dv = reduce_scatter_rows(dv_partial, layout)
-        u_norms, v_norms = ctx.norms
-        image_dtype, text_dtype = ctx.dtypes
-        du = unit_rows_backward(du, u, u_norms, image_dtype)
-        dv = unit_rows_backward(dv, v_all[o : o + b], v_norms, text_dtype)
+        du, dv = _input_grads(ctx, du, dv_partial, u, v_all)
         return du, dv, dscale.reshape(scale.shape), None
 
 
@@ -228,11 +241,8 @@ class SigmoidPassLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, text, scale, bias, opts: PassOptions):
         layout = opts.layout
-        ctx.dtypes = image.dtype, text.dtype
-        u, u_norms = unit_rows(image, opts.normalize, opts.eps)
-        v, v_norms = unit_rows(text, opts.normalize, opts.eps)
+        u, v_all = _unit_inputs(ctx, image, text, opts)
         o, b, big = layout.offset, layout.b_local, layout.b_global
-        v_all = gather_rows(v, layout)
         kernels = opts.kernels
         stats = kernels.sigmoid_forward(u, v_all, scale, bias, o, opts.precision, opts.chunk_size)
         col_max = all_reduce_(stats.col_max.clone(), layout, dist.ReduceOp.MAX)
@@ -247,7 +257,6 @@ class SigmoidPassLoss(torch.autograd.Function):
         share = (sums[0] + sums[1]) / big
         all_reduce_(sums, layout)
         ctx.opts = opts
-        ctx.norms = u_norms, v_norms
         ctx.save_for_backward(u, v_all, scale, bias)
         ctx.mark_non_differentiable(sums)
         return layout.world_size * share, sums
@@ -265,9 +274,5 @@ class SigmoidPassLoss(torch.autograd.Function):
             du, dv_partial, dscale, dbias = opts.kernels.sigmoid_backward(
                 u, v_all, scale, bias, o, opts.precision, opts.chunk_size, weight.expand(b)
             )
-            dv = reduce_scatter_rows(dv_partial, layout)
-            u_norms, v_norms = ctx.norms
-            image_dtype, text_dtype = ctx.dtypes
-            du = unit_rows_backward(du, u, u_norms, image_dtype)
-            dv = unit_rows_backward(dv, v_all[o : o + b], v_norms, text_dtype)
+            du, dv = _input_grads(ctx, du, dv_partial, u, v_all)
             return du, dv, dscale.reshape(scale.shape), dbias.reshape(bias.shape), None

@@ -116,6 +116,67 @@ class Reference:
     d_scale_bound: float
 
 
+@dataclass
+class _Problem:
+    """What both references start from: the split, each row's upstream weight, the scale,
+    the float64 unit features (and their divisors) and the row blocks."""
+
+    big: int
+    dim: int
+    device: torch.device
+    sizes: list[int]
+    row_weight: torch.Tensor
+    raw_scale: float
+    s: float
+    u: torch.Tensor
+    v: torch.Tensor
+    divisors: tuple | None
+    rows_of: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, img, txt, logit_scale, sizes, weights, cap, normalize, block) -> _Problem:
+        img, txt = img.detach(), txt.detach()
+        big, dim = img.shape
+        dev = img.device
+        sizes = [big] if sizes is None else list(sizes)
+        if sum(sizes) != big:
+            raise ValueError(f"sizes {sizes} do not add up to the batch of {big}")
+        weights = [1.0] * len(sizes) if weights is None else weights
+        weights = torch.as_tensor(weights, dtype=torch.float64, device=dev)
+        owner = torch.repeat_interleave(
+            torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev)
+        )
+        raw_scale = math.exp(logit_scale)
+        if normalize:
+            (u, u_div), (v, v_div) = _unit(img), _unit(txt)
+            divisors = (u_div, v_div)
+        else:
+            u, v, divisors = img.double(), txt.double(), None
+        block = block or max(1, (1 << 22) // max(big, 1))
+        rows_of = [(i0, min(i0 + block, big)) for i0 in range(0, big, block)]
+        return cls(
+            big,
+            dim,
+            dev,
+            sizes,
+            weights[owner],
+            raw_scale,
+            min(raw_scale, cap),
+            u,
+            v,
+            divisors,
+            rows_of,
+        )
+
+    def input_grads(self, d_u, d_v):
+        """Gradients w.r.t. the unit rows turned into those w.r.t. the raw features."""
+        if self.divisors is None:
+            return d_u, d_v
+        return _unit_backward(d_u, self.u, self.divisors[0]), _unit_backward(
+            d_v, self.v, self.divisors[1]
+        )
+
+
 def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 unit rows (eps 1e-6, as the loss) and the divisor of each row."""
     x = x.double()
@@ -166,26 +227,10 @@ def reference(
     ``B`` that fits ``B x D`` float64 features, on the device of ``img``; the results are
     tensors on that device.
     """
-    img, txt = img.detach(), txt.detach()
-    big, dim = img.shape
-    dev = img.device
-    sizes = [big] if sizes is None else list(sizes)
-    if sum(sizes) != big:
-        raise ValueError(f"sizes {sizes} do not add up to the batch of {big}")
-    weights = [1.0] * len(sizes) if weights is None else weights
-    weights = torch.as_tensor(weights, dtype=torch.float64, device=dev)
-    owner = torch.repeat_interleave(
-        torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev)
-    )
-    w = weights[owner] / (2 * big)  # each row's / column's weight in J
-    raw_scale = math.exp(logit_scale)
-    s = min(raw_scale, logit_scale_max)
-    if normalize:
-        (u, u_div), (v, v_div) = _unit(img), _unit(txt)
-    else:
-        u, v = img.double(), txt.double()
-    block = block or max(1, (1 << 22) // max(big, 1))
-    rows_of = [(i0, min(i0 + block, big)) for i0 in range(0, big, block)]
+    p = _Problem.of(img, txt, logit_scale, sizes, weights, logit_scale_max, normalize, block)
+    big, dim, dev, sizes, raw_scale, s = p.big, p.dim, p.device, p.sizes, p.raw_scale, p.s
+    u, v, rows_of = p.u, p.v, p.rows_of
+    w = p.row_weight / (2 * big)  # each row's / column's weight in J
     err = _LogitErrors(u, v, s, dim, OPERAND_UNIT[precision])
 
     # Pass 1: row terms and log-sum-exps; column log-sum-exps, online over row blocks.
@@ -259,8 +304,7 @@ def reference(
     else:  # d/dtheta = exp(theta) * dJ/ds (straight-through: exp's gradient, uncapped)
         d_scale = raw_scale * g_dot
         d_scale_bound = raw_scale * ds_bound + gamma(3) * abs(d_scale)
-    d_img = _unit_backward(d_u, u, u_div) if normalize else d_u
-    d_txt = _unit_backward(d_v, v, v_div) if normalize else d_v
+    d_img, d_txt = p.input_grads(d_u, d_v)
     return Reference(
         loss=shares.sum(),
         loss_i2t=loss_i2t,
@@ -327,26 +371,66 @@ def plain_fp32(
     weights: list[float] | None = None,
     logit_scale_max: float = 100.0,
     dtype: torch.dtype = torch.float32,
+    precision: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The straightforward computation in ``dtype``: materialised logits, autograd.
 
     What "as good as plain fp32" compares against (gradient tensors, :func:`check_tensor`).
-    Returns ``shares``, ``d_img``, ``d_txt`` and ``d_scale`` of ``J`` as :func:`reference`.
+    Returns ``shares``, ``d_img``, ``d_txt`` and ``d_scale`` of ``J`` as :func:`reference`,
+    on the device of ``img``. ``precision`` (``"ieee"``, ``"tf32"``, ``"bf16"``) makes the
+    logits' product and its two backward products round their operands as that mode
+    does, with fp32 accumulation (:mod:`palmtree.precision`): what a plain fp32 matmul
+    does under ``torch.set_float32_matmul_precision``. ``None`` leaves ``@`` as it is.
     """
     sizes = [img.shape[0]] if sizes is None else list(sizes)
-    weights = torch.ones(len(sizes)) if weights is None else torch.as_tensor(weights)
-    i = img.detach().to(dtype).requires_grad_()
-    t = txt.detach().to(dtype).requires_grad_()
-    theta = torch.tensor(logit_scale, dtype=dtype, requires_grad=True)
+    i, t, theta, weights = _plain_inputs(img, txt, logit_scale, sizes, weights, dtype)
     u, v = F.normalize(i, dim=-1, eps=1e-6), F.normalize(t, dim=-1, eps=1e-6)
-    logits = theta.exp().clamp(max=logit_scale_max) * u @ v.T
-    labels = torch.arange(len(u))
+    logits = theta.exp().clamp(max=logit_scale_max) * _product(u, v, precision)
+    labels = torch.arange(len(u), device=u.device)
     terms = F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(
         logits.T, labels, reduction="none"
     )
     shares = torch.stack([part.sum() for part in terms.split(sizes)]) / (2 * len(u))
-    (shares * weights.to(dtype)).sum().backward()
+    (shares * weights).sum().backward()
     return {"shares": shares.detach(), "d_img": i.grad, "d_txt": t.grad, "d_scale": theta.grad}
+
+
+def _plain_inputs(img, txt, logit_scale, sizes, weights, dtype):
+    """Leaf copies of the features and the log scale in ``dtype``, and the ranks' weights,
+    all on the device of ``img``."""
+    dev = img.device
+    weights = [1.0] * len(sizes) if weights is None else weights
+    i = img.detach().to(dtype, copy=True).requires_grad_()
+    t = txt.detach().to(dtype, copy=True).requires_grad_()
+    theta = torch.tensor(logit_scale, dtype=dtype, device=dev, requires_grad=True)
+    return i, t, theta, torch.as_tensor(weights, dtype=dtype, device=dev)
+
+
+def _product(u: torch.Tensor, v: torch.Tensor, precision: str | None) -> torch.Tensor:
+    """``u @ v.T``, with the operands of it and of its backward rounded as ``precision``."""
+    return u @ v.T if precision is None else _RoundedProduct.apply(u, v.T, precision)
+
+
+class _RoundedProduct(torch.autograd.Function):
+    """``a @ b`` whose forward and backward products round their operands as ``precision``."""
+
+    @staticmethod
+    def forward(ctx, a, b, precision):
+        ctx.save_for_backward(a, b)
+        ctx.precision = precision
+        return _rounded_mm(a, b, precision)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        p = ctx.precision
+        return _rounded_mm(grad, b.T, p), _rounded_mm(a.T, grad, p), None
+
+
+def _rounded_mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    from .precision import cast_operand, mm
+
+    return mm(cast_operand(a, precision), cast_operand(b, precision), precision)
 
 
 @dataclass
@@ -390,33 +474,21 @@ def siglip_reference(
     -1 elsewhere. The bounds follow the module docstring: each ``x = S + bias`` is off by
     ``E_ij + u |x|``, a term ``softplus(-z x)`` moves by ``sigmoid(-z x)`` times that and is
     formed to ``gamma(4)`` relative, ``G = -z sigmoid(-z x)`` by ``G (1 - sigmoid) dx``
-    plus ``gamma(3) |G|``, and sums add ``gamma(n)`` times their absolute sums.
+    plus ``gamma(3) |G|``, and sums add ``gamma(n)`` times their absolute sums. Row
+    blocks and the device as in :func:`reference`.
     """
-    img, txt = img.detach(), txt.detach()
-    big, dim = img.shape
-    sizes = [big] if sizes is None else list(sizes)
-    if sum(sizes) != big:
-        raise ValueError(f"sizes {sizes} do not add up to the batch of {big}")
-    weights = torch.ones(len(sizes), dtype=torch.float64) if weights is None else weights
-    weights = torch.as_tensor(weights, dtype=torch.float64)
-    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    w = weights[owner] / big  # each row's weight in J
-    raw_scale = math.exp(logit_scale)
-    s = min(raw_scale, logit_scale_max)
-    if normalize:
-        (u, u_div), (v, v_div) = _unit(img), _unit(txt)
-    else:
-        u, v = img.double(), txt.double()
-    block = block or max(1, (1 << 22) // max(big, 1))
+    p = _Problem.of(img, txt, logit_scale, sizes, weights, logit_scale_max, normalize, block)
+    big, dim, dev, sizes, raw_scale, s = p.big, p.dim, p.device, p.sizes, p.raw_scale, p.s
+    u, v = p.u, p.v
+    w = p.row_weight / big  # each row's weight in J
     err = _LogitErrors(u, v, s, dim, OPERAND_UNIT[precision])
     n_sum = 2 * big + len(sizes) + 2
-    row_terms = torch.zeros(big, dtype=torch.float64)
-    row_term_bounds = torch.zeros(big, dtype=torch.float64)
+    row_terms = torch.zeros(big, dtype=torch.float64, device=dev)
+    row_term_bounds = torch.zeros(big, dtype=torch.float64, device=dev)
     pos = neg = pos_b = neg_b = g_dot = g_sum = ds_b = db_b = 0.0
     d_u, d_v = torch.zeros_like(u), torch.zeros_like(v)
-    for i0 in range(0, big, block):
-        i1 = min(i0 + block, big)
-        rows, cols = _positives(i0, i1)
+    for i0, i1 in p.rows_of:
+        rows, cols = _positives(i0, i1, dev)
         dot = u[i0:i1] @ v.T
         x = s * dot + logit_bias
         z = -torch.ones_like(x)
@@ -456,15 +528,17 @@ def siglip_reference(
     else:
         d_scale = raw_scale * g_dot
         d_scale_bound = raw_scale * ds_b + gamma(3) * abs(d_scale)
+    f64 = dict(dtype=torch.float64, device=dev)
+    d_img, d_txt = p.input_grads(d_u, d_v)
     return SigLipReference(
-        loss=torch.tensor(total / big, dtype=torch.float64),
-        loss_pos=torch.tensor(pos / big, dtype=torch.float64),
-        loss_neg=torch.tensor(neg / big, dtype=torch.float64),
+        loss=torch.tensor(total / big, **f64),
+        loss_pos=torch.tensor(pos / big, **f64),
+        loss_neg=torch.tensor(neg / big, **f64),
         shares=share_terms / big,
-        d_img=_unit_backward(d_u, u, u_div) if normalize else d_u,
-        d_txt=_unit_backward(d_v, v, v_div) if normalize else d_v,
-        d_scale=torch.tensor(d_scale, dtype=torch.float64),
-        d_bias=torch.tensor(g_sum, dtype=torch.float64),
+        d_img=d_img,
+        d_txt=d_txt,
+        d_scale=torch.tensor(d_scale, **f64),
+        d_bias=torch.tensor(g_sum, **f64),
         loss_bound=loss_bound,
         pos_bound=(pos_b + gamma(n_sum) * pos) / big,
         neg_bound=(neg_b + gamma(n_sum) * neg) / big,
@@ -484,20 +558,21 @@ def plain_fp32_siglip(
     weights: list[float] | None = None,
     logit_scale_max: float = 100.0,
     dtype: torch.dtype = torch.float32,
+    precision: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The straightforward sigmoid loss in ``dtype``: materialised logits, autograd."""
+    """The straightforward sigmoid loss in ``dtype``: materialised logits, autograd.
+
+    On the device of ``img``; ``precision`` as in :func:`plain_fp32`.
+    """
     sizes = [img.shape[0]] if sizes is None else list(sizes)
-    weights = torch.ones(len(sizes)) if weights is None else torch.as_tensor(weights)
-    i = img.detach().to(dtype).requires_grad_()
-    t = txt.detach().to(dtype).requires_grad_()
-    theta = torch.tensor(logit_scale, dtype=dtype, requires_grad=True)
-    bias = torch.tensor(logit_bias, dtype=dtype, requires_grad=True)
+    i, t, theta, weights = _plain_inputs(img, txt, logit_scale, sizes, weights, dtype)
+    bias = torch.tensor(logit_bias, dtype=dtype, device=img.device, requires_grad=True)
     u, v = F.normalize(i, dim=-1, eps=1e-6), F.normalize(t, dim=-1, eps=1e-6)
-    logits = theta.exp().clamp(max=logit_scale_max) * u @ v.T + bias
-    z = 2 * torch.eye(len(u), dtype=dtype) - 1
+    logits = theta.exp().clamp(max=logit_scale_max) * _product(u, v, precision) + bias
+    z = 2 * torch.eye(len(u), dtype=dtype, device=img.device) - 1
     rows = F.softplus(-z * logits).sum(1) / len(u)
     shares = torch.stack([part.sum() for part in rows.split(sizes)])
-    (shares * weights.to(dtype)).sum().backward()
+    (shares * weights).sum().backward()
     return {
         "shares": shares.detach(),
         "d_img": i.grad,
@@ -552,12 +627,18 @@ def check_scalar(name: str, ours, exact: torch.Tensor, bound: float) -> float:
     return err
 
 
+def tensor_bound(plain, exact: torch.Tensor, factor: float = 2.0, rel: float = 1e-6) -> float:
+    """What a gradient tensor may be off by: ``factor * max|plain - exact| + rel * max|exact|``
+    (NaN if ``plain`` holds a NaN, so nothing passes against it)."""
+    scale = float(exact.detach().double().abs().max()) if exact.numel() else 0.0
+    return factor * max_error(plain, exact) + rel * scale
+
+
 def check_tensor(
     name: str, ours, plain: torch.Tensor, exact: torch.Tensor, factor: float = 2.0, rel=1e-6
 ) -> float:
     """Asserts ``max|ours - exact| <= factor * max|plain - exact| + rel * max|exact|``."""
-    scale = float(exact.detach().double().abs().max()) if exact.numel() else 0.0
-    bound = factor * max_error(plain, exact) + rel * scale
+    bound = tensor_bound(plain, exact, factor, rel)
     err = max_error(ours, exact)
     if not err <= bound:
         raise AssertionError(

@@ -216,9 +216,9 @@ def _own_grad(
     own_terms,
     other_terms,
     pos: _Positives,
+    *,
     precision,
     plan,
-    *,
     own_is_u: bool,
     d_other=None,
     with_dscale=False,
@@ -286,31 +286,33 @@ def _own_grad(
     return grad, dscale.sum(), (dbias.sum() if bias is not None else None)
 
 
-def backward_grads(uq, vq, scale, offset, precision, plan, terms):
-    """``(dU, dV_partial, dscale)`` of the base.py contract for rounded operands ``uq, vq``
-    and fp32 :class:`palmtree.backends.base.GradientTerms`."""
+def backward_grads(block, terms):
+    """``(dU, dV_partial, dscale)`` of the base.py contract for a :class:`~.fused.Block` and
+    fp32 :class:`palmtree.backends.base.GradientTerms`."""
     rows, cols = (terms.row_shift, terms.row_coef), (terms.col_shift, terms.col_coef)
-    # Row i's positive is column offset + i; column j's is row j - offset (data by row).
-    row_pos = _Positives(terms.pos_weight, terms.diag, offset, 0)
-    col_pos = _Positives(terms.pos_weight, terms.diag, -offset, -offset)
-    du, dv, dscale, _ = _both_sides(uq, vq, scale, rows, cols, row_pos, col_pos, precision, plan)
+    du, dv, dscale, _ = _both_sides(block, rows, cols, terms.pos_weight, terms.diag)
     return du, dv, dscale
 
 
-def sigmoid_backward_grads(uq, vq, scale, bias, offset, precision, plan, row_weight):
+def sigmoid_backward_grads(block, bias, row_weight):
     """``(dU, dV_partial, dscale, dbias)`` of the sigmoid contract (base.SigmoidKernels).
 
     The loss is elementwise: the positives need no forward value, only their place."""
-    unused = torch.zeros(vq.shape[0], dtype=torch.float32, device=vq.device)
+    unused = torch.zeros(block.vq.shape[0], dtype=torch.float32, device=block.vq.device)
     rows, cols = (row_weight, row_weight), (unused, unused)
-    row_pos = _Positives(row_weight, None, offset, 0)
-    col_pos = _Positives(row_weight, None, -offset, -offset)
-    return _both_sides(uq, vq, scale, rows, cols, row_pos, col_pos, precision, plan, bias)
+    return _both_sides(block, rows, cols, row_weight, None, bias)
 
 
-def _both_sides(uq, vq, scale, rows, cols, row_pos, col_pos, precision, plan, bias=None):
-    """dU from programs owning rows, dV from programs owning columns (or atomically)."""
-    if plan.bwd_mode == "atomic":
+def _both_sides(block, rows, cols, pos_weight, diag, bias=None):
+    """dU from programs owning rows, dV from programs owning columns (or atomically).
+
+    Row ``i``'s positive is column ``offset + i``; column ``j``'s is row ``j - offset``,
+    whose weight and forward logit are indexed by that row.
+    """
+    uq, vq, scale, offset = block.uq, block.vq, block.scale, block.offset
+    common = dict(precision=block.precision, plan=block.plan, bias=bias)
+    row_pos = _Positives(pos_weight, diag, offset, 0)
+    if block.plan.bwd_mode == "atomic":
         dv = torch.zeros(vq.shape, dtype=torch.float32, device=vq.device)
         du, dscale, dbias = _own_grad(
             uq,
@@ -319,28 +321,15 @@ def _both_sides(uq, vq, scale, rows, cols, row_pos, col_pos, precision, plan, bi
             rows,
             cols,
             row_pos,
-            precision,
-            plan,
             own_is_u=True,
             d_other=dv,
             with_dscale=True,
-            bias=bias,
+            **common,
         )
         return du, dv, dscale, dbias
     du, dscale, dbias = _own_grad(
-        uq,
-        vq,
-        scale,
-        rows,
-        cols,
-        row_pos,
-        precision,
-        plan,
-        own_is_u=True,
-        with_dscale=True,
-        bias=bias,
+        uq, vq, scale, rows, cols, row_pos, own_is_u=True, with_dscale=True, **common
     )
-    dv, _, _ = _own_grad(
-        vq, uq, scale, cols, rows, col_pos, precision, plan, own_is_u=False, bias=bias
-    )
+    col_pos = _Positives(pos_weight, diag, -offset, -offset)
+    dv, _, _ = _own_grad(vq, uq, scale, cols, rows, col_pos, own_is_u=False, **common)
     return du, dv, dscale, dbias

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from ._triton_utils import mma
+from ._triton_utils import logits_tile, row_block
 
 _COMBINE_BLOCK = 256
 
@@ -55,11 +55,8 @@ def _forward_kernel(
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < b
-    u_rows = U + rows.to(tl.int64)[:, None] * stride_u
-    ks = tl.arange(0, BLOCK_K)
+    u_rows, u = row_block(U, rows, row_ok, D, stride_u, BLOCK_K, SINGLE_K)
     scale = tl.load(SCALE)
-    if SINGLE_K:
-        u = tl.load(u_rows + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -69,18 +66,22 @@ def _forward_kernel(
     for start in range(n_begin, n_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
-        v_rows = V + cols.to(tl.int64)[:, None] * stride_v
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        if SINGLE_K:
-            v = tl.load(v_rows + ks[None, :], mask=col_ok[:, None] & (ks < D)[None, :], other=0.0)
-            acc = mma(u, tl.trans(v), acc, PRECISION, INTERPRET)
-        else:
-            for k in range(0, D, BLOCK_K):
-                kk = k + ks
-                k_ok = kk < D
-                a = tl.load(u_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                v = tl.load(v_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = mma(a, tl.trans(v), acc, PRECISION, INTERPRET)
+        acc = logits_tile(
+            u,
+            u_rows,
+            V,
+            cols,
+            row_ok,
+            col_ok,
+            D,
+            stride_v,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            SINGLE_K,
+            PRECISION,
+            INTERPRET,
+        )
         ok = row_ok[:, None] & col_ok[None, :]
         s = tl.where(ok, acc * scale, float("-inf"))
 
@@ -146,13 +147,15 @@ def _combine(part_max, part_sum, out_max, out_sum, n_parts: int, n: int) -> None
         )
 
 
-def forward_stats(uq, vq, scale, offset, precision, plan):
+def forward_stats(block):
     """``(row_max, row_neg, col_max, col_neg, diag)`` of ``S = scale * uq @ vq^T``
     (:class:`palmtree.backends.base.ForwardStats`: the sums leave the positives out).
 
-    ``plan`` is a :class:`palmtree.backends.fused.TilePlan`; column segments bound the
+    ``block`` is a :class:`palmtree.backends.fused.Block`; column segments bound the
     partials buffer, column splits fill the grid when there are few row blocks.
     """
+    uq, vq, scale, offset = block.uq, block.vq, block.scale, block.offset
+    precision, plan = block.precision, block.plan
     b, dim = uq.shape
     big = vq.shape[0]
     f32 = dict(dtype=torch.float32, device=uq.device)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from ._triton_utils import mma
+from ._triton_utils import logits_tile, row_block
 
 
 @triton.jit
@@ -58,12 +58,9 @@ def _sigmoid_forward_kernel(
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < b
-    u_rows = U + rows.to(tl.int64)[:, None] * stride_u
-    ks = tl.arange(0, BLOCK_K)
+    u_rows, u = row_block(U, rows, row_ok, D, stride_u, BLOCK_K, SINGLE_K)
     scale = tl.load(SCALE)
     bias = tl.load(BIAS)
-    if SINGLE_K:
-        u = tl.load(u_rows + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     diag = tl.zeros((BLOCK_M,), tl.float32)
@@ -74,18 +71,22 @@ def _sigmoid_forward_kernel(
     for start in range(n_begin, n_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
-        v_rows = V + cols.to(tl.int64)[:, None] * stride_v
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        if SINGLE_K:
-            v = tl.load(v_rows + ks[None, :], mask=col_ok[:, None] & (ks < D)[None, :], other=0.0)
-            acc = mma(u, tl.trans(v), acc, PRECISION, INTERPRET)
-        else:
-            for k in range(0, D, BLOCK_K):
-                kk = k + ks
-                k_ok = kk < D
-                a = tl.load(u_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                v = tl.load(v_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = mma(a, tl.trans(v), acc, PRECISION, INTERPRET)
+        acc = logits_tile(
+            u,
+            u_rows,
+            V,
+            cols,
+            row_ok,
+            col_ok,
+            D,
+            stride_v,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            SINGLE_K,
+            PRECISION,
+            INTERPRET,
+        )
         ok = row_ok[:, None] & col_ok[None, :]
         s = tl.where(ok, acc * scale, float("-inf"))
         positive = ok & (cols[None, :] == rows[:, None] + diag_shift)
@@ -107,9 +108,11 @@ def _sigmoid_forward_kernel(
     tl.store(PART_SUMS + part + 1, tl.sum(neg_sum, axis=0))
 
 
-def sigmoid_forward_stats(uq, vq, scale, bias, offset, precision, plan):
-    """``(pos_sum, neg_sum, row_max, col_max, diag)`` of the sigmoid loss's block
-    (:class:`palmtree.backends.base.SigmoidStats`) for rounded operands ``uq, vq``."""
+def sigmoid_forward_stats(block, bias):
+    """``(pos_sum, neg_sum, row_max, col_max, diag)`` of the sigmoid loss
+    (:class:`palmtree.backends.base.SigmoidStats`) for a :class:`~.fused.Block`."""
+    uq, vq, scale, offset = block.uq, block.vq, block.scale, block.offset
+    precision, plan = block.precision, block.plan
     b, dim = uq.shape
     big = vq.shape[0]
     f32 = dict(dtype=torch.float32, device=uq.device)

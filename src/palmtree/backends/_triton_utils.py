@@ -40,3 +40,52 @@ def mma(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     return acc
+
+
+@triton.jit
+def row_block(U, rows, row_ok, D, stride_u, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr):
+    """Pointers to a block of rows of ``U``, and the block itself when ``D`` fits in one
+    ``BLOCK_K`` chunk (``SINGLE_K``): it is then loaded once for the program's whole sweep."""
+    u_rows = U + rows.to(tl.int64)[:, None] * stride_u
+    ks = tl.arange(0, BLOCK_K)
+    if SINGLE_K:
+        u = tl.load(u_rows + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
+    else:
+        u = tl.zeros((1, BLOCK_K), tl.float32)  # unused: the chunks are loaded per tile
+    return u_rows, u
+
+
+@triton.jit
+def logits_tile(
+    u,
+    u_rows,
+    V,
+    cols,
+    row_ok,
+    col_ok,
+    D,
+    stride_v,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SINGLE_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """``U_block @ V[cols]^T`` with fp32 accumulation, over ``D`` in ``BLOCK_K`` chunks (one
+    product with :func:`row_block`'s preloaded ``u`` when ``SINGLE_K``). Every forward
+    makes its tiles here, so their rounding is the same for both losses."""
+    ks = tl.arange(0, BLOCK_K)
+    v_rows = V + cols.to(tl.int64)[:, None] * stride_v
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if SINGLE_K:
+        v = tl.load(v_rows + ks[None, :], mask=col_ok[:, None] & (ks < D)[None, :], other=0.0)
+        acc = mma(u, tl.trans(v), acc, PRECISION, INTERPRET)
+    else:
+        for k in range(0, D, BLOCK_K):
+            kk = k + ks
+            k_ok = kk < D
+            a = tl.load(u_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            v = tl.load(v_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = mma(a, tl.trans(v), acc, PRECISION, INTERPRET)
+    return acc

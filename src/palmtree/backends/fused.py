@@ -194,6 +194,19 @@ def _check(u, v, scale, offset, precision) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """What every launcher takes: one rank's rounded operands ``uq [b, D]`` and
+    ``vq [B, D]``, the fp32 ``scale``, the rows' ``offset``, the ``precision`` and the plan."""
+
+    uq: torch.Tensor
+    vq: torch.Tensor
+    scale: torch.Tensor
+    offset: int
+    precision: str
+    plan: TilePlan
+
+
 def _operand(x: torch.Tensor, precision: str) -> torch.Tensor:
     """Features rounded once on the host exactly as :func:`palmtree.precision.cast_operand`."""
     x = x.contiguous()
@@ -226,72 +239,43 @@ class FusedKernels:
             raise ValueError(f"bwd_mode must be one of {BWD_MODES}, got {plan.bwd_mode!r}")
         return plan
 
-    def forward(self, u, v, scale, offset, precision, chunk_size) -> ForwardStats:
+    def block(self, u, v, scale, offset, precision) -> Block:
+        """One rank's checked operands (rounded once on the host) and this call's plan."""
         _check(u, v, scale, offset, precision)
-        b, big = u.shape[0], v.shape[0]
-        if b == 0:
-            return ForwardStats.empty(big, u.device)
-        from ._triton_forward import forward_stats
-
-        return ForwardStats(
-            *forward_stats(
-                _operand(u, precision),
-                _operand(v, precision),
-                _f32(scale),
-                offset,
-                precision,
-                self.plan(u.shape[1], u.device, precision),
-            )
+        plan = self.plan(u.shape[1], u.device, precision)
+        return Block(
+            _operand(u, precision), _operand(v, precision), _f32(scale), offset, precision, plan
         )
 
+    def forward(self, u, v, scale, offset, precision, chunk_size) -> ForwardStats:
+        block = self.block(u, v, scale, offset, precision)
+        if u.shape[0] == 0:
+            return ForwardStats.empty(v.shape[0], u.device)
+        from ._triton_forward import forward_stats
+
+        return ForwardStats(*forward_stats(block))
+
     def backward(self, u, v, scale, offset, precision, chunk_size, terms: GradientTerms):
-        _check(u, v, scale, offset, precision)
+        block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
             return zero_grads(u, v)
         from ._triton_backward import backward_grads
 
-        return backward_grads(
-            _operand(u, precision),
-            _operand(v, precision),
-            _f32(scale),
-            offset,
-            precision,
-            self.plan(u.shape[1], u.device, precision),
-            terms.to_f32(),
-        )
+        return backward_grads(block, terms.to_f32())
 
     def sigmoid_forward(self, u, v, scale, bias, offset, precision, chunk_size) -> SigmoidStats:
-        _check(u, v, scale, offset, precision)
+        block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
             return SigmoidStats.empty(v.shape[0], u.device)
         from ._triton_sigmoid import sigmoid_forward_stats
 
-        return SigmoidStats(
-            *sigmoid_forward_stats(
-                _operand(u, precision),
-                _operand(v, precision),
-                _f32(scale),
-                _f32(bias),
-                offset,
-                precision,
-                self.plan(u.shape[1], u.device, precision),
-            )
-        )
+        return SigmoidStats(*sigmoid_forward_stats(block, _f32(bias)))
 
     def sigmoid_backward(self, u, v, scale, bias, offset, precision, chunk_size, row_weight):
-        _check(u, v, scale, offset, precision)
+        block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
             du, dv, dscale = zero_grads(u, v)
             return du, dv, dscale, dscale.clone()
         from ._triton_backward import sigmoid_backward_grads
 
-        return sigmoid_backward_grads(
-            _operand(u, precision),
-            _operand(v, precision),
-            _f32(scale),
-            _f32(bias),
-            offset,
-            precision,
-            self.plan(u.shape[1], u.device, precision),
-            _f32(row_weight),
-        )
+        return sigmoid_backward_grads(block, _f32(bias), _f32(row_weight))
