@@ -17,7 +17,12 @@ import triton.language as tl
 def round_operand(x, PRECISION: tl.constexpr):
     """An fp32 tile as the product consumes it: bf16 (RNE), TF32 (as the host rounds) or as is."""
     if PRECISION == "bf16":
-        x = x.to(tl.bfloat16)
+        # Round to nearest even on the 16 dropped bits, in integers: the conversion's own
+        # rounding mode differs between targets (Triton's CPU interpreter truncates), and
+        # the host rounds the other operands (torch) to nearest even. The cast is then exact.
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        x = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
     elif PRECISION == "tf32":
         # Round half away from zero on the 13 dropped mantissa bits, like round_to_tf32.
         bits = x.to(tl.int32, bitcast=True)

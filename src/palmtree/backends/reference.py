@@ -19,10 +19,13 @@ from ..precision import round_to_tf32
 def _round_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
     """Rounds operands like the single-pass kernels do; the gradient passes straight through."""
     if precision == "bf16":
-        return x.to(torch.bfloat16).float()
-    if precision == "tf32":
-        return x + (round_to_tf32(x.detach()) - x).detach()
-    return x
+        rounded = x.detach().to(torch.bfloat16).float()
+    elif precision == "tf32":
+        rounded = round_to_tf32(x.detach())
+    else:
+        return x
+    # Straight through: a plain cast's backward would round the gradient as well.
+    return x + (rounded - x.detach())
 
 
 def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
