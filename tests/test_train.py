@@ -15,13 +15,8 @@ import pytest
 import torch
 
 from palmtree.train import main
-from palmtree.train.data import (
-    EVAL_TEMPLATES,
-    TRAIN_TEMPLATES,
-    GlobalBatchSampler,
-    class_captions,
-    stratified_split,
-)
+from palmtree.train.data import GlobalBatchSampler
+from palmtree.train.digits import EVAL_TEMPLATES, TRAIN_TEMPLATES, class_captions, stratified_split
 from palmtree.train.launch import report_rank_failure
 from palmtree.train.tokenizer import WordTokenizer
 
@@ -82,7 +77,11 @@ def test_resume_matches_uninterrupted_run(full_run):
     assert main([*common, "--max-steps", "11"]) == 0  # "killed" in the middle of epoch 2
     stopped = json.loads((logs / "resumed" / "results.json").read_text())
     assert not stopped["completed"] and stopped["steps"] == 11
-    assert (logs / "resumed" / "checkpoints" / "step_11.pt").exists()
+    # latest.pt holds step 11; epoch_1.pt stays the end of epoch 1 (steps 1 to 8).
+    ckpts = logs / "resumed" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["epoch_1.pt", "latest.pt"]
+    assert torch.load(ckpts / "latest.pt", weights_only=True)["global_step"] == 11
+    assert torch.load(ckpts / "epoch_1.pt", weights_only=True)["global_step"] == 8
     assert main([*common, "--resume"]) == 0
 
     want = json.loads((full_run / "results.json").read_text())
@@ -91,6 +90,77 @@ def test_resume_matches_uninterrupted_run(full_run):
         k: v for k, v in want.items() if k not in TIMING
     }
     assert [_untimed(r) for r in _rows(logs / "resumed")] == [_untimed(r) for r in _rows(full_run)]
+
+
+# A tiny model for the runs below, whose figures are not the point.
+TINY = ["--image-width", "8", "--image-dim", "16", "--text-width", "16", "--text-layers", "1"]
+TINY += ["--embed-dim", "16", "--no-progress", "--warmup", "2", "--epochs", "1"]
+ACCUM = ["--accum-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory) -> Path:
+    """One epoch on 2 spawned ranks as 2 micro-batches of 50 per rank and step (``k2``),
+    and as one batch of 100 (``k1``): 8 steps over global batches of 200, the last one
+    38 pairs, all on rank 0, as one micro-batch (rank 1 holds none)."""
+    logs = tmp_path_factory.mktemp("accum")
+    assert main(["--logs", str(logs), "--name", "k2", "--batch-size", "50"] + ACCUM + TINY) == 0
+    assert main(["--logs", str(logs), "--name", "k1", "--batch-size", "100", *TINY]) == 0
+    return logs
+
+
+@pytest.mark.slow
+def test_accumulated_steps_train_like_one_large_batch(accumulated):
+    k2, k1 = _rows(accumulated / "k2"), _rows(accumulated / "k1")
+    assert [r["kind"] for r in k2] == ["train"] * 8 + ["eval"]
+    assert [r["b_global"] for r in k2[:8]] == [200] * 7 + [38] == [r["b_global"] for r in k1[:8]]
+    # The same pairs in each step and the exact gradient of one loss over them: the two
+    # runs differ only by rounding (the towers see batches of other sizes).
+    for a, b in zip(k2[:8], k1[:8], strict=True):
+        for key in ("loss", "loss_i2t", "loss_t2i", "logit_scale"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+    results = json.loads((accumulated / "k2" / "results.json").read_text())
+    assert results["accum_steps"] == 2 and results["batch_size_per_rank"] == 50
+    assert results["steps"] == 8 and results["completed"] and results["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_resume_with_accumulated_steps(accumulated):
+    common = ["--logs", str(accumulated), "--name", "k2_resumed", "--batch-size", "50"]
+    common += ACCUM + TINY
+    assert main([*common, "--max-steps", "3"]) == 0
+    state = torch.load(accumulated / "k2_resumed/checkpoints/latest.pt", weights_only=True)
+    assert (state["global_step"], state["step_in_epoch"]) == (3, 3)  # steps, not micro-batches
+    assert state["args"]["accum_steps"] == 2
+    assert main([*common, "--resume"]) == 0
+    want = json.loads((accumulated / "k2" / "results.json").read_text())
+    got = json.loads((accumulated / "k2_resumed" / "results.json").read_text())
+    assert {k: v for k, v in got.items() if k not in TIMING} == {
+        k: v for k, v in want.items() if k not in TIMING
+    }
+    resumed, uninterrupted = _rows(accumulated / "k2_resumed"), _rows(accumulated / "k2")
+    assert [_untimed(r) for r in resumed] == [_untimed(r) for r in uninterrupted]
+
+
+def test_siglip_run_and_its_resume(tmp_path, capsys):
+    common = ["--logs", str(tmp_path), "--name", "sig", "--nproc", "1", "--batch-size", "100"]
+    common += TINY
+    assert main([*common, "--loss", "siglip", "--max-steps", "2"]) == 0
+    rows = _rows(tmp_path / "sig")
+    assert {"loss_pos", "loss_neg", "logit_bias"} <= set(rows[0]) and "loss_i2t" not in rows[0]
+    # The bias starts at the log-odds of a positive pair: -ln(100 - 1) for 100 pairs.
+    assert rows[0]["logit_bias"] == pytest.approx(-math.log(99), abs=1e-6)
+    assert rows[0]["logit_scale"] == pytest.approx(10.0, rel=1e-6)
+    results = json.loads((tmp_path / "sig" / "results.json").read_text())
+    assert results["loss"] == "siglip" and results["final_logit_bias"] < -4
+    assert "siglip loss" in capsys.readouterr().out
+
+    assert main([*common, "--resume"]) == 2  # the default --loss is clip
+    assert "was trained with --loss siglip; resume it with --loss siglip" in (
+        capsys.readouterr().err
+    )
+    assert main([*common, "--loss", "siglip", "--resume", "--max-steps", "3"]) == 0
+    assert [r["step"] for r in _rows(tmp_path / "sig")] == [1, 2, 3]
 
 
 def _write_csv(folder: Path) -> Path:
@@ -119,13 +189,16 @@ def test_csv_data_skips_bad_rows(tmp_path, capsys):
     argv += ["--nproc", "1", "--epochs", "2", "--batch-size", "4", "--image-size", "16"]
     argv += ["--no-progress", "--max-bad-fraction", "0.25"]
     assert main(argv) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "skipped 3 of 15 train rows" in err
     assert "1 missing file" in err and "1 unreadable image" in err and "1 empty caption" in err
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert results["data"]["train"]["bad_rows"] == 3 and results["data"]["train_size"] == 12
     assert results["zero_shot_top1"] is None and 0 <= results["image_to_text_r1"] <= 1
     assert results["world_size"] == 1
+    # The summary speaks of captions: free-form CSV captions have no digits, no classes.
+    assert "--val-data image->text R@1 / R@5:" in out and "digit" not in out
+    assert "the same caption text" in results["retrieval_hit_rule"]
 
     # 3 bad rows of 15 (20 %) exceed the default threshold of 10 %: a clear stop.
     assert main(argv[:-2]) == 2
@@ -147,6 +220,9 @@ def test_csv_data_skips_bad_rows(tmp_path, capsys):
         (["--max-bad-fraction", "1.5"], "must be in [0, 1)"),
         (["--text-width", "30", "--text-heads", "4"], "must be divisible"),
         (["--lr", "nan"], "--lr: must be a positive number"),
+        (["--loss", "softmax"], "--loss: invalid choice"),
+        (["--accum-steps", "0"], "--accum-steps: must be a positive integer"),
+        (["--precision", "amp", "--accum-steps", "2"], "cannot be combined with --accum-steps"),
         (["--unknown-flag"], "unrecognized arguments"),
     ],
 )
@@ -204,6 +280,23 @@ def test_sampler_splits_global_batches_without_padding():
     sampler = GlobalBatchSampler(n, bs, 0, world, seed=5)
     sampler.set_epoch(2, start_step=1)
     assert list(sampler) == per_rank[0][1:]
+
+
+def test_sampler_cuts_each_ranks_share_into_micro_batches():
+    # Global batches of 12 (2 ranks x 2 micro-batches x 3): 15 pairs make a full step
+    # and one of 3 pairs, which rank 0 holds as [3 pairs, nothing] and rank 1 not at all.
+    for rank in range(2):
+        whole = GlobalBatchSampler(15, 6, rank, 2, seed=5)
+        cut = GlobalBatchSampler(15, 3, rank, 2, seed=5, accum_steps=2)
+        whole.set_epoch(1)
+        cut.set_epoch(1)
+        steps, micro = list(whole), list(cut)
+        assert len(micro) == len(cut) == 2 * len(steps) == 4
+        assert [a + b for a, b in zip(micro[::2], micro[1::2], strict=True)] == steps
+    assert [len(b) for b in micro] == [3, 3, 0, 0]  # rank 1
+    cut = GlobalBatchSampler(15, 3, 0, 2, seed=5, accum_steps=2)
+    cut.set_epoch(1, start_step=1)
+    assert [len(b) for b in cut] == [3, 0]
 
 
 def test_digit_captions_and_split():

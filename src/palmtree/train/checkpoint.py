@@ -1,9 +1,8 @@
-"""Checkpoints: plain tensors, numbers and strings only, written atomically.
+"""Checkpoint files: plain tensors, numbers and strings only, written atomically.
 
-They load with ``torch.load(path, weights_only=True)``. A checkpoint holds the model
-(towers and the loss's temperature and projections), the optimizer, the position in
-the run (epoch, step within it, global step), every rank's RNG state, the tokenizer
-and the model config, so ``--resume`` continues exactly where the run stopped.
+They load with ``torch.load(path, weights_only=True)``. What they hold, and how a rank
+builds and restores it, is :mod:`.state`'s business; this module writes, publishes,
+checks and finds the files.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 def keep_as(latest: Path, name: str) -> Path:
     """Publishes ``latest`` also as ``name`` (a hard link, else a copy) and removes the
-    older ``epoch_*.pt`` / ``step_*.pt`` files, so the folder holds one checkpoint's bytes."""
+    older ``epoch_*.pt`` files, so the folder holds one checkpoint's bytes."""
     target = latest.with_name(name)
     tmp = latest.with_name(f".{name}.tmp{os.getpid()}")
     try:
@@ -48,13 +47,32 @@ def keep_as(latest: Path, name: str) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
-    for old in [*latest.parent.glob("epoch_*.pt"), *latest.parent.glob("step_*.pt")]:
+    for old in latest.parent.glob("epoch_*.pt"):
         if old.name != name:
             old.unlink(missing_ok=True)
     return target
 
 
+#: What every checkpoint holds, with the type each entry must have.
+REQUIRED = {
+    "epoch": int,
+    "step_in_epoch": int,
+    "global_step": int,
+    "world_size": int,
+    "model": dict,
+    "optimizer": dict,
+    "rng": list,
+    "tokenizer": dict,
+    "model_config": dict,
+}
+
+
 def load(path: str | Path) -> dict:
+    """Loads a checkpoint and checks that it holds what ``--resume`` needs.
+
+    Raises :class:`TrainError` naming the file and what is wrong with it (not found,
+    not loadable, another format, or missing or mistyped entries).
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -63,7 +81,33 @@ def load(path: str | Path) -> dict:
         raise TrainError(f"cannot load checkpoint {path}: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise TrainError(f"{path} is not a palmtree train checkpoint (format {FORMAT})")
+    missing = [k for k in REQUIRED if k not in state]
+    wrong = [
+        f"{k} ({type(state[k]).__name__}, expected {REQUIRED[k].__name__})"
+        for k in REQUIRED
+        if k in state and not isinstance(state[k], REQUIRED[k])
+    ]
+    if missing or wrong:
+        problems = ([f"lacks {', '.join(missing)}"] if missing else []) + (
+            [f"has a wrong type for {', '.join(wrong)}"] if wrong else []
+        )
+        raise TrainError(
+            f"{path} is not a complete palmtree train checkpoint: it {' and '.join(problems)}"
+        )
     return state
+
+
+def remove_debris(folder: Path) -> list[Path]:
+    """Removes the temporary files that a killed checkpoint write left in ``folder``.
+
+    Only call it while holding the run folder's lock: then no other process is writing
+    there, so every ``.*.tmp<pid>`` file is left over from a process that died.
+    """
+    removed = []
+    for tmp in folder.glob(".*.tmp*") if folder.is_dir() else ():
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:

@@ -1,8 +1,8 @@
 """Held-out evaluation: zero-shot classification and cross-modal retrieval.
 
-Embeddings go through the same path as in training: the tower, then
-:class:`palmtree.ClipLoss`'s projection (when it has one), the masked mean over the
-text tokens, and L2 normalisation in fp32.
+Embeddings go through the same path as in training: the tower, then the loss's
+projection (when it has one), the masked mean over the text tokens, and L2
+normalisation in fp32.
 
 Captions describe a class, not one image, so many items are correct answers to a
 query: a retrieved item counts as a hit when it shows or describes the same

@@ -1,8 +1,11 @@
-"""``palmtree train``: parse flags, prepare the data once, start the ranks.
+"""Starting the ranks of ``palmtree train``, once the flags are parsed.
 
-Without torchrun it spawns ``--nproc`` CPU processes (gloo on a free loopback port);
-under torchrun (``RANK`` and ``WORLD_SIZE`` set) every launched process
-joins the given world, with NCCL when CUDA is available.
+Without torchrun it spawns ``--nproc`` CPU processes (gloo on a free loopback port), or
+trains in this process for ``--nproc 1``; under torchrun (``RANK`` and ``WORLD_SIZE``
+set) every launched process joins the given world, with NCCL when CUDA is available
+(:func:`palmtree.launch_utils.launched_rank`). Either way the ranks set up and tear
+down their process group with :mod:`palmtree.launch_utils`, and the launching process
+holds the run folder's lock (:class:`~.rundir.RunLock`) for the whole run.
 """
 
 from __future__ import annotations
@@ -10,36 +13,33 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import time
 import traceback
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ..distributed import free_port, launched_world
-from . import checkpoint
-from .data import Prepared, TrainError, prepare_csv, prepare_digits
-from .loop import RankContext, train_rank
-from .options import parse_args
-from .tokenizer import WordTokenizer
+from ..launch_utils import (
+    LaunchedRank,
+    init_process_group,
+    launched_rank,
+    process_group,
+    shutdown_process_group,
+)
+from .config import RankContext, TrainConfig
+from .data import Prepared, TrainError
+from .loop import train_rank
+from .prepare import load_data, load_resume, open_run_dir, report_data
 
-OWN_FILES = ("metrics.jsonl", "results.json", "curves.png")
 TIMEOUT = datetime.timedelta(minutes=10)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``palmtree train``; returns the exit status."""
-    t0 = time.time()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = parse_args(argv)
-    except SystemExit as exc:  # argparse printed the usage and the error
-        return exc.code if isinstance(exc.code, int) else 2
+def run(cfg: TrainConfig, t0: float) -> int:
+    """Trains as ``cfg`` says; returns the exit status (2 for a :class:`TrainError`)."""
     try:
         if launched_world():
-            return _run_torchrun(args, t0)
-        return _run_spawned(args, t0)
+            return _run_torchrun(cfg, t0)
+        return _run_spawned(cfg, t0)
     except TrainError as exc:
         print(f"palmtree train: error: {exc}", file=sys.stderr)
         return 2
@@ -52,84 +52,26 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def prepare(args, tokenizer: WordTokenizer | None = None) -> Prepared:
-    """Loads and validates the data; a ``tokenizer`` from a checkpoint keeps its vocabulary."""
-    if args.train_data is None:
-        prepared = prepare_digits(
-            args.test_fraction, args.seed, args.context_length, args.vocab_size, tokenizer
-        )
-    else:
-        prepared = prepare_csv(
-            args.train_data,
-            args.val_data,
-            args.csv_img_key,
-            args.csv_caption_key,
-            args.csv_separator,
-            args.image_size,
-            args.max_bad_fraction,
-            args.seed,
-            args.context_length,
-            args.vocab_size,
-            tokenizer,
-        )
-    return prepared
-
-
-def resume_tokenizer(args) -> WordTokenizer | None:
-    """The tokenizer of the checkpoint ``--resume`` names (``None`` for a fresh run)."""
-    resume = checkpoint.resolve_resume(args.resume, Path(args.logs) / args.name)
-    if resume is None:
-        return None
-    return WordTokenizer.from_state_dict(checkpoint.load(resume)["tokenizer"])
-
-
-def clear_run_dir(args) -> None:
-    """Creates ``logs/name``; a fresh run first removes this command's own files from it."""
-    run_dir = Path(args.logs) / args.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if args.resume is not None:
-        return
-    for name in OWN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    ckpts = run_dir / "checkpoints"
-    if ckpts.is_dir():
-        for f in ckpts.glob("*.pt"):
-            f.unlink()
-
-
-def _report_data(prepared: Prepared) -> None:
-    report = prepared.report
-    for split in ("train", "val"):
-        info = report.get(split)
-        if isinstance(info, dict) and info.get("bad_rows"):
-            reasons = ", ".join(f"{n} {r}" for r, n in info["bad_by_reason"].items())
-            print(
-                f"palmtree train: skipped {info['bad_rows']} of {info['rows']} {split} rows "
-                f"({reasons}); first: {'; '.join(info['bad_examples'])}",
-                file=sys.stderr,
-            )
-
-
 # --------------------------------------------------------------------------- spawn
 
 
-def _run_spawned(args, t0: float) -> int:
-    prepared = prepare(args, resume_tokenizer(args))  # bad data stops before anything is cleared
-    _report_data(prepared)
-    clear_run_dir(args)
-    threads = max(1, cpu_cores() // args.nproc)
-    if args.nproc == 1:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            ctx = RankContext(0, 1, 0, torch.device("cpu"), "single")
-            train_rank(ctx, args, prepared, t0)
-        finally:
-            torch.set_num_threads(previous)
-        return 0
-
-    port = free_port()
-    return spawn_ranks(_spawned_rank, args.nproc, (args, prepared, port, threads, t0))
+def _run_spawned(cfg: TrainConfig, t0: float) -> int:
+    resume = load_resume(cfg)
+    prepared = load_data(cfg, resume)  # bad data stops before the run folder is touched
+    report_data(prepared)
+    with open_run_dir(cfg, resume):
+        threads = max(1, cpu_cores() // cfg.nproc)
+        if cfg.nproc == 1:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                ctx = RankContext(0, 1, 0, torch.device("cpu"), "single")
+                train_rank(ctx, cfg, prepared, t0)
+            finally:
+                torch.set_num_threads(previous)
+            return 0
+        port = free_port()
+        return spawn_ranks(_spawned_rank, cfg.nproc, (cfg, prepared, port, threads, t0))
 
 
 def spawn_ranks(fn, nprocs: int, fn_args: tuple) -> int:
@@ -170,47 +112,73 @@ def report_rank_failure(exc: Exception) -> None:
     print(f"palmtree train: rank {exc.error_index} failed: {last}", file=sys.stderr)
 
 
-def _spawned_rank(rank: int, args, prepared: Prepared, port: int, threads: int, t0: float):
+def _spawned_rank(
+    rank: int, cfg: TrainConfig, prepared: Prepared, port: int, threads: int, t0: float
+) -> None:
     torch.set_num_threads(threads)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=args.nproc, timeout=TIMEOUT)
-    try:
-        ctx = RankContext(rank, args.nproc, rank, torch.device("cpu"), "spawn")
-        train_rank(ctx, args, prepared, t0)
-    finally:
-        dist.destroy_process_group()
+    with process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=cfg.nproc,
+        timeout=TIMEOUT,
+    ):
+        ctx = RankContext(rank, cfg.nproc, rank, torch.device("cpu"), "spawn")
+        train_rank(ctx, cfg, prepared, t0)  # returns with its DDP model gone
 
 
 # --------------------------------------------------------------------------- torchrun
 
 
-def _run_torchrun(args, t0: float) -> int:
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-        torch.set_num_threads(max(1, cpu_cores() // local_world))
-    dist.init_process_group(backend, timeout=TIMEOUT)
+def _run_torchrun(cfg: TrainConfig, t0: float) -> int:
+    me = launched_rank()
+    if me.device.type == "cpu":
+        torch.set_num_threads(max(1, cpu_cores() // me.local_world_size))
+    init_process_group(me.backend, timeout=TIMEOUT)
+    lock = None
     try:
-        prepared = prepare(args, resume_tokenizer(args))  # every rank reads the data itself
-        if rank == 0:
-            _report_data(prepared)
-            clear_run_dir(args)
-        dist.barrier()
-        ctx = RankContext(rank, world_size, local_rank, device, "torchrun")
-        train_rank(ctx, args, prepared, t0)
-    except TrainError as exc:
-        print(f"palmtree train: rank {rank}: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception:
-        print(f"palmtree train: rank {rank} failed:", file=sys.stderr)
+        prepared, lock, error = _ready_every_rank(cfg, me)
+        if error is not None:
+            if me.rank == 0:
+                print(f"palmtree train: error: {error}", file=sys.stderr)
+            shutdown_process_group()  # every rank is here: the teardown cannot block
+            return 2
+        ctx = RankContext(me.rank, me.world_size, me.local_rank, me.device, "torchrun")
+        train_rank(ctx, cfg, prepared, t0)  # returns with its DDP model gone
+    except Exception as exc:
+        # This rank alone may have failed: the others can be inside a collective, so the
+        # group is left for the process exit, and torchrun ends the other ranks.
+        if isinstance(exc, TrainError):
+            print(f"palmtree train: rank {me.rank}: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"palmtree train: rank {me.rank} failed:", file=sys.stderr)
         traceback.print_exc()
         return 1
     finally:
-        dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
+    shutdown_process_group()
     return 0
+
+
+def _ready_every_rank(cfg: TrainConfig, me: LaunchedRank):
+    """``(prepared, lock, error)``: every rank reads the checkpoint and the data itself,
+    rank 0 also takes the run folder (``lock``). ``error`` is the first problem of any
+    rank, the same on every rank, so that all of them stop together."""
+    error, prepared, lock = None, None, None
+    try:
+        resume = load_resume(cfg)
+        prepared = load_data(cfg, resume)
+        if me.rank == 0:
+            report_data(prepared)
+            lock = open_run_dir(cfg, resume)
+    except TrainError as exc:
+        error = str(exc)
+    errors: list[str | None] = [None] * me.world_size
+    dist.all_gather_object(errors, error)
+    for r, message in enumerate(errors):
+        if message is not None:
+            if lock is not None:
+                lock.release()
+            return None, None, message if me.world_size == 1 else f"rank {r}: {message}"
+    return prepared, lock, None

@@ -1,8 +1,9 @@
-"""The two towers and the module that joins them with :class:`palmtree.ClipLoss`.
+"""The two towers and the module that joins them with the loss (CLIP or SigLIP).
 
 Both towers accept an empty batch (``b = 0``), which a rank gets when the last global
 batch does not reach it. Neither uses batch statistics (no BatchNorm), so a rank's
-features do not depend on how the global batch was split.
+features do not depend on how the global batch was split, nor on its cut into
+micro-batches (``--accum-steps``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ class ModelConfig:
     text_width: int = 64  # token latent dim: differs from image_dim on purpose
     text_layers: int = 2
     text_heads: int = 4
-    embed_dim: int = 64  # shared space, reached through ClipLoss's projections
+    embed_dim: int = 64  # shared space, reached through the loss's projections
+    loss: str = "clip"  # "clip" (ClipLoss) or "siglip" (SigLipLoss)
     init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float = -10.0  # siglip only
     logit_scale_max: float = 100.0
     backend: str = "auto"
 
@@ -112,8 +115,59 @@ class TextEncoder(nn.Module):
         return self.norm(x)
 
 
+def build_loss(config: ModelConfig) -> nn.Module:
+    """:class:`palmtree.ClipLoss` or :class:`palmtree.SigLipLoss` (with its bias)."""
+    common = dict(
+        image_dim=config.image_dim,
+        text_dim=config.text_width,
+        embed_dim=config.embed_dim,
+        init_logit_scale=config.init_logit_scale,
+        logit_scale_max=config.logit_scale_max,
+        backend=config.backend,
+    )
+    if config.loss == "siglip":
+        return palmtree.SigLipLoss(**common, init_logit_bias=config.init_logit_bias)
+    if config.loss == "clip":
+        return palmtree.ClipLoss(**common)
+    raise ValueError(f"unknown loss {config.loss!r}")
+
+
+class Autocast(nn.Module):
+    """Runs ``module`` under autocast to ``dtype`` on ``device_type`` (``None``: as is).
+
+    For :func:`palmtree.accumulate`, which calls the towers and the loss itself: the
+    autocast then covers their forwards only, never the backward it runs after them.
+    """
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, *args, **kwargs):
+        if self.dtype is None:
+            return self.module(*args, **kwargs)
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.module(*args, **kwargs)
+
+
+class Towers(nn.Module):
+    """The image and the text tower as one module (``encode`` of :func:`palmtree.accumulate`).
+
+    ``(images, ids, mask)`` -> ``(image features [b, image_dim], token latents [b, L,
+    text_width], mask)``, what the loss takes.
+    """
+
+    def __init__(self, image: nn.Module, text: nn.Module) -> None:
+        super().__init__()
+        self.image, self.text = image, text
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+        return self.image(images), self.text(ids, mask), mask
+
+
 class DualEncoder(nn.Module):
-    """Image tower + text tower + the loss (which owns the scale and the projections)."""
+    """Image tower + text tower + the loss (which owns the scale, the projections and,
+    for SigLIP, the bias)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -126,15 +180,19 @@ class DualEncoder(nn.Module):
             config.text_layers,
             config.text_heads,
         )
-        self.loss_fn = palmtree.ClipLoss(
-            image_dim=config.image_dim,
-            text_dim=config.text_width,
-            embed_dim=config.embed_dim,
-            init_logit_scale=config.init_logit_scale,
-            logit_scale_max=config.logit_scale_max,
-            backend=config.backend,
-        )
+        self.loss_fn = build_loss(config)
+
+    def towers(self) -> Towers:
+        """Both towers as one module; it shares their parameters (and is not saved twice)."""
+        return Towers(self.image, self.text)
+
+    def clamp_logit_scale(self) -> None:
+        """Keeps the log-temperature in ``[0, ln logit_scale_max]``, where the cap lets it
+        move: above it the loss uses the cap and gives it no gradient to come back."""
+        with torch.no_grad():
+            self.loss_fn.logit_scale.clamp_(0, math.log(self.config.logit_scale_max))
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
-        """Returns :class:`palmtree.ClipLossOutput`; a collective over all ranks."""
+        """The loss's output record (``ClipLossOutput`` or ``SigLipLossOutput``); a
+        collective over all ranks."""
         return self.loss_fn(self.image(images), self.text(ids, mask), text_mask=mask)

@@ -1,4 +1,8 @@
-"""Command-line flags of ``palmtree train`` (open_clip's names where one exists)."""
+"""Command-line flags of ``palmtree train`` (open_clip's names where one exists).
+
+:func:`parse_config` parses and cross-checks them once into a frozen
+:class:`~.config.TrainConfig`; nothing below it sees the argparse namespace.
+"""
 
 from __future__ import annotations
 
@@ -12,51 +16,44 @@ import torch
 from palmtree.backends import BACKENDS, fused_can_run
 from palmtree.distributed import launched_world
 
-PRECISIONS = ("fp32", "amp_bf16", "amp")
+from .config import AUTOCAST_MODES, LOSSES, TrainConfig
+
+DEFAULTS = TrainConfig()
 
 DESCRIPTION = """\
 Train a small image encoder and a small text encoder into one embedding space with
-palmtree.ClipLoss, across processes, then evaluate on held-out data.
+palmtree.ClipLoss (--loss clip) or palmtree.SigLipLoss (--loss siglip), across
+processes, then evaluate on held-out data. --accum-steps K makes each optimiser step
+of K micro-batches per rank, exactly, with palmtree.accumulate.
 
 Default data: the 8x8 handwritten digits scikit-learn ships, with generated captions.
 By default it spawns --nproc CPU processes (gloo); under torchrun it uses the launched
 world instead (NCCL on GPUs):  torchrun --nproc_per_node N -m palmtree train ...
+
+Outputs go to <logs>/<name>/: metrics.jsonl, results.json, curves.png, and
+checkpoints/latest.pt (also kept as epoch_<N>.pt at the end of epoch N).
 """
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _checked(kind, ok, requirement: str):
+    """An argparse type: ``kind(text)``, refused unless ``ok(value)``."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
+        return value
+
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "must be a positive integer")
+_nonnegative_int = _checked(int, lambda v: v >= 0, "must be >= 0")
+# What both numpy's and torch's generators accept.
+_seed = _checked(int, lambda v: 0 <= v < 2**63, "must be an integer in [0, 2**63)")
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "must be a positive number")
+_nonnegative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "must be a number >= 0")
+_fraction = _checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
 def _separator(text: str) -> str:
@@ -75,188 +72,220 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    data = p.add_argument_group("data")
+    _data_flags(p.add_argument_group("data"))
+    _training_flags(p.add_argument_group("training"))
+    _model_flags(p.add_argument_group("model"))
+    _run_flags(p.add_argument_group("run"))
+    return p
+
+
+def _data_flags(data) -> None:
     data.add_argument(
         "--train-data",
         metavar="PATH",
-        default=None,
         help="CSV/TSV of image paths and captions (default: sklearn digits)",
     )
     data.add_argument(
-        "--val-data",
-        metavar="PATH",
-        default=None,
-        help="CSV/TSV for the retrieval evaluation of --train-data runs",
+        "--val-data", metavar="PATH", help="CSV/TSV for the retrieval evaluation of --train-data"
     )
     data.add_argument(
         "--csv-img-key",
         metavar="KEY",
-        default="filepath",
-        help="image path column (default filepath)",
+        default=DEFAULTS.csv_img_key,
+        help="image path column (default %(default)s)",
     )
     data.add_argument(
-        "--csv-caption-key", metavar="KEY", default="title", help="caption column (default title)"
+        "--csv-caption-key",
+        metavar="KEY",
+        default=DEFAULTS.csv_caption_key,
+        help="caption column (default %(default)s)",
     )
     data.add_argument(
         "--csv-separator",
         type=_separator,
-        default="\t",
+        default=DEFAULTS.csv_separator,
         help="column separator (default: tab; '\\t', 'tab', ',' or 'comma')",
     )
     data.add_argument(
         "--image-size",
         type=_positive_int,
-        default=32,
-        help="CSV images are resized to SIZE x SIZE RGB (default 32)",
+        default=DEFAULTS.image_size,
+        help="CSV images are resized to SIZE x SIZE RGB (default %(default)s)",
     )
     data.add_argument(
         "--max-bad-fraction",
         type=_fraction,
-        default=0.1,
-        help="stop when more than this fraction of CSV rows is bad (default 0.1)",
+        default=DEFAULTS.max_bad_fraction,
+        help="stop when more than this fraction of CSV rows is bad (default %(default)s)",
     )
     data.add_argument(
         "--test-fraction",
         type=float,
-        default=0.2,
-        help="held-out share of the digits, stratified by class (default 0.2)",
+        default=DEFAULTS.test_fraction,
+        help="held-out share of the digits, stratified by class (default %(default)s)",
     )
     data.add_argument(
         "--workers",
         type=_nonnegative_int,
-        default=0,
+        default=DEFAULTS.workers,
         help="data loader processes per rank (default 0: load in the rank)",
     )
 
-    train = p.add_argument_group("training")
+
+def _training_flags(train) -> None:
     train.add_argument(
-        "--batch-size", type=_positive_int, default=64, help="pairs per rank and step (default 64)"
+        "--loss",
+        choices=LOSSES,
+        default=DEFAULTS.loss,
+        help="clip: softmax, palmtree.ClipLoss; siglip: sigmoid, palmtree.SigLipLoss, "
+        "with a learned bias (default %(default)s)",
     )
-    train.add_argument("--epochs", type=_positive_int, default=20, help="(default 20)")
     train.add_argument(
-        "--lr", type=_positive_float, default=2e-3, help="peak AdamW learning rate (default 2e-3)"
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULTS.batch_size,
+        help="pairs per rank and micro-batch (default %(default)s)",
     )
     train.add_argument(
-        "--wd", type=_nonnegative_float, default=0.1, help="AdamW weight decay (default 0.1)"
+        "--accum-steps",
+        type=_positive_int,
+        default=DEFAULTS.accum_steps,
+        metavar="K",
+        help="micro-batches per rank and optimiser step, accumulated exactly with "
+        "palmtree.accumulate: a step trains on K x --batch-size pairs per rank "
+        "(default %(default)s: no accumulation)",
+    )
+    train.add_argument(
+        "--epochs", type=_positive_int, default=DEFAULTS.epochs, help="(default %(default)s)"
+    )
+    train.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=DEFAULTS.lr,
+        help="peak AdamW learning rate (default %(default)s)",
+    )
+    train.add_argument(
+        "--wd",
+        type=_nonnegative_float,
+        default=DEFAULTS.wd,
+        help="AdamW weight decay (default %(default)s)",
     )
     train.add_argument(
         "--warmup",
         type=_nonnegative_int,
-        default=20,
-        help="linear warm-up steps before the cosine decay (default 20)",
+        default=DEFAULTS.warmup,
+        help="linear warm-up steps before the cosine decay (default %(default)s)",
     )
     train.add_argument(
         "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="fp32, amp_bf16 (bf16 autocast) or amp (fp16 autocast, CUDA)",
+        choices=AUTOCAST_MODES,
+        default=DEFAULTS.precision,
+        help="fp32, amp_bf16 (bf16 autocast) or amp (fp16 autocast + GradScaler, CUDA); "
+        "the loss is fp32 inside in every mode",
     )
-    train.add_argument("--seed", type=int, default=0, help="(default 0)")
+    train.add_argument(
+        "--seed",
+        type=_seed,
+        default=DEFAULTS.seed,
+        help="a non-negative integer (default %(default)s)",
+    )
     train.add_argument(
         "--max-steps",
         type=_positive_int,
-        default=None,
-        help="stop after this many steps in total (the schedule still spans "
-        "--epochs); a checkpoint is written so --resume continues",
+        help="stop after this many optimiser steps in total (the schedule still spans "
+        "--epochs); checkpoints/latest.pt is written so that --resume continues",
     )
 
-    model = p.add_argument_group("model")
-    model.add_argument(
-        "--image-width",
-        type=_positive_int,
-        default=32,
-        help="channels of the CNN's first stage (default 32)",
-    )
-    model.add_argument(
-        "--text-width",
-        type=_positive_int,
-        default=64,
-        help="Transformer width = token latent dim (default 64)",
-    )
-    model.add_argument("--text-layers", type=_positive_int, default=2, help="(default 2)")
-    model.add_argument("--text-heads", type=_positive_int, default=4, help="(default 4)")
-    model.add_argument(
-        "--image-dim", type=_positive_int, default=128, help="image tower output dim (default 128)"
-    )
-    model.add_argument(
-        "--embed-dim",
-        type=_positive_int,
-        default=64,
-        help="shared embedding dim, reached by ClipLoss's projections (default 64)",
-    )
-    model.add_argument(
-        "--context-length",
-        type=_positive_int,
-        default=32,
-        help="captions are cut to this many words (default 32)",
-    )
-    model.add_argument(
-        "--vocab-size",
-        type=_positive_int,
-        default=10000,
-        help="at most this many words in the tokenizer (default 10000)",
-    )
 
-    run = p.add_argument_group("run")
+def _model_flags(model) -> None:
+    sizes = (
+        ("--image-width", "channels of the CNN's first stage"),
+        ("--image-dim", "image tower output dim"),
+        ("--text-width", "Transformer width = token latent dim"),
+        ("--text-layers", "Transformer layers"),
+        ("--text-heads", "attention heads"),
+        ("--embed-dim", "shared embedding dim, reached by the loss's projections"),
+        ("--context-length", "captions are cut to this many words"),
+        ("--vocab-size", "at most this many words in the tokenizer"),
+    )
+    for flag, what in sizes:
+        default = getattr(DEFAULTS, flag[2:].replace("-", "_"))
+        model.add_argument(
+            flag, type=_positive_int, default=default, help=f"{what} (default {default})"
+        )
+
+
+def _run_flags(run) -> None:
     run.add_argument(
-        "--backend", choices=BACKENDS, default="auto", help="ClipLoss backend (default auto)"
+        "--backend",
+        choices=BACKENDS,
+        default=DEFAULTS.backend,
+        help="the loss's backend (default %(default)s)",
     )
     run.add_argument(
         "--nproc",
         type=_positive_int,
-        default=2,
-        help="CPU processes to spawn (gloo); ignored under torchrun (default 2)",
+        default=DEFAULTS.nproc,
+        help="CPU processes to spawn (gloo); ignored under torchrun (default %(default)s)",
     )
     run.add_argument(
         "--logs",
         "--logs-dir",
         dest="logs",
-        default="runs",
-        help="parent folder of the run (default runs); under torchrun spell it "
+        default=DEFAULTS.logs,
+        help="parent folder of the run (default %(default)s); under torchrun spell it "
         "--logs-dir, as torchrun's own --logs-specs makes --logs ambiguous",
     )
-    run.add_argument("--name", default="demo", help="run folder name (default demo)")
+    run.add_argument("--name", default=DEFAULTS.name, help="run folder name (default %(default)s)")
     run.add_argument(
         "--resume",
         nargs="?",
         const="latest",
-        default=None,
         metavar="CKPT",
-        help="continue from CKPT (default: the run's latest checkpoint)",
+        help="continue from CKPT (default: the run's checkpoints/latest.pt)",
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_config(argv: list[str]) -> TrainConfig:
     """Parses and cross-checks the flags; errors exit with status 2 (argparse's way)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not 0 < args.test_fraction < 1:
-        parser.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-    if args.train_data is None and args.val_data is not None:
-        parser.error("--val-data needs --train-data (the digits hold out their own test split)")
-    for flag in ("train_data", "val_data"):
-        path = getattr(args, flag)
+    config = TrainConfig(**vars(parser.parse_args(argv)))
+    problem = _problem(config)
+    if problem:
+        parser.error(problem)
+    return config
+
+
+def _problem(c: TrainConfig) -> str | None:
+    """What is wrong with a combination of flags, or ``None``."""
+    if not 0 < c.test_fraction < 1:
+        return f"--test-fraction must be in (0, 1), got {c.test_fraction}"
+    if c.train_data is None and c.val_data is not None:
+        return "--val-data needs --train-data (the digits hold out their own test split)"
+    for flag, path in (("--train-data", c.train_data), ("--val-data", c.val_data)):
         if path is not None and not os.path.isfile(path):
-            parser.error(f"--{flag.replace('_', '-')}: no such file: {path}")
-    if args.text_width % args.text_heads:
-        parser.error(
-            f"--text-width {args.text_width} must be divisible by --text-heads {args.text_heads}"
-        )
-    if not args.name or os.sep in args.name or args.name in (".", ".."):
-        parser.error(f"--name must be a plain folder name, got {args.name!r}")
+            return f"{flag}: no such file: {path}"
+    if c.text_width % c.text_heads:
+        return f"--text-width {c.text_width} must be divisible by --text-heads {c.text_heads}"
+    if not c.name or os.sep in c.name or c.name in (".", ".."):
+        return f"--name must be a plain folder name, got {c.name!r}"
+    for flag, path in (("--logs", c.logs), ("--name", os.path.join(c.logs, c.name))):
+        if os.path.exists(path) and not os.path.isdir(path):
+            return f"{flag}: {path} is a file; the run folder must be a directory"
+    if c.precision == "amp" and c.accum_steps > 1:
+        # The GradScaler scales the loss before its backward; palmtree.accumulate runs
+        # that backward itself, so fp16 gradients would go unscaled.
+        return "--precision amp cannot be combined with --accum-steps > 1; use amp_bf16"
     on_gpu = _ranks_use_cuda()
-    if args.precision == "amp" and not on_gpu:
-        parser.error(
-            "--precision amp (fp16) needs CUDA ranks (torchrun on GPUs); use amp_bf16 or fp32"
-        )
-    if args.backend == "fused" and not fused_can_run(torch.device("cuda" if on_gpu else "cpu")):
-        parser.error(
+    if c.precision == "amp" and not on_gpu:
+        return "--precision amp (fp16) needs CUDA ranks (torchrun on GPUs); use amp_bf16 or fp32"
+    if c.backend == "fused" and not fused_can_run(torch.device("cuda" if on_gpu else "cpu")):
+        return (
             "--backend fused needs CUDA ranks (torchrun on GPUs) and Triton; the spawned "
             "ranks run on CPU: use --backend auto or chunked"
         )
-    return args
+    return None
 
 
 def _ranks_use_cuda() -> bool:

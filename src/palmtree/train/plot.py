@@ -81,6 +81,10 @@ def plot_curves(metrics_path: Path, out_path: Path, title: str = "") -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("logit scale exp(t) (cap 100)")
     ax.grid(alpha=0.3)
+    if train and "logit_bias" in train[0]:  # SigLIP
+        bias = ax.twinx()
+        bias.plot(steps, [r["logit_bias"] for r in train], lw=1, color="tab:olive")
+        bias.set_ylabel("logit bias b (SigLIP)", color="tab:olive")
 
     if title:
         fig.suptitle(title)
