@@ -10,7 +10,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("palmtree.train", "align an image and a text encoder with ClipLoss (the demo)"),
+    "train": (
+        "palmtree.train",
+        "align an image and a text encoder with the CLIP or SigLIP loss (the demo)",
+    ),
     "bench": ("palmtree.bench", "time and measure the memory of the loss backends and peers"),
     "verify": ("palmtree.verify", "check the distributed loss against a float64 reference"),
 }
