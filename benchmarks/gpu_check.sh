@@ -49,7 +49,7 @@ if [ -n "${SMOKE:-}" ]; then
     SIZES=(64 128 192 256) # stand-ins for 32768 65536 131072 1048576
 else
     VERIFY=("$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m palmtree verify
-        --batch 20011 --dim 512 --backends reference,chunked,fused)
+        --batch 20011 --dim 512 --backends reference,chunked,fused --losses clip,siglip)
     BENCH=("$PY" -m palmtree bench --device cuda --dims 512)
     SIZES=(32768 65536 131072 1048576)
 fi
@@ -103,8 +103,8 @@ for name in ("triton", "numpy", "open-clip-torch", "inf-cl"):
     except md.PackageNotFoundError:
         print(name, "not installed")
 EOF
-step verify 100 "${VERIFY[@]}" --timeout 90 || status=1
-step gpu-tests 110 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${XDIST[@]}" tests ||
+step verify 130 "${VERIFY[@]}" --timeout 120 || status=1
+step gpu-tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${XDIST[@]}" tests ||
     status=1
 t3=$SECONDS # step 3 shares 130 s, smaller B first
 for b in "${SIZES[0]}" "${SIZES[1]}"; do

@@ -27,8 +27,8 @@ FUSED_PLANS = {
 def run(img, txt, log_scale, bias, **kw):
     i = img.clone().requires_grad_()
     t = txt.clone().requires_grad_()
-    theta = torch.tensor(float(log_scale), requires_grad=True)
-    b = torch.tensor(float(bias), requires_grad=True)
+    theta = torch.tensor(float(log_scale), device=img.device, requires_grad=True)
+    b = torch.tensor(float(bias), device=img.device, requires_grad=True)
     out = siglip_loss(i, t, theta, b, **kw)
     out.loss.backward()
     grads = {"d_img": i.grad, "d_txt": t.grad, "d_scale": theta.grad, "d_bias": b.grad}
@@ -162,3 +162,25 @@ def test_double_backward_is_refused_by_chunked():
     out = siglip_loss(layer(img), txt, 2.0, -1.0, backend="chunked")
     with pytest.raises(RuntimeError, match="backend='reference'"):
         torch.autograd.grad(out.loss, layer.weight, create_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled kernels)")
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+@pytest.mark.parametrize("bias", [-10.0, 10.0])
+def test_fused_at_training_size_on_cuda(precision, bias):
+    """B = 4096, D = 512 at the cap: sums within their bounds, gradient tensors within 2x
+    chunked's error with the same operand rounding."""
+    img, txt = make_pairs(4096, 512, seed=21)
+    img, txt = img.cuda(), txt.cuda()
+    runs = {
+        b: run(img, txt, math.log(100.0), bias, backend=b, precision=precision)
+        for b in ("fused", "chunked")
+    }
+    exact = testing.siglip_reference(img, txt, math.log(100.0), bias, precision=precision)
+    out, grads = runs["fused"]
+    testing.check_scalar("loss", out.loss, exact.loss, exact.loss_bound)
+    testing.check_scalar("d_scale", grads["d_scale"], exact.d_scale, exact.d_scale_bound)
+    testing.check_scalar("d_bias", grads["d_bias"], exact.d_bias, exact.d_bias_bound)
+    for name in ("d_img", "d_txt"):
+        testing.check_tensor(name, grads[name], runs["chunked"][1][name], getattr(exact, name))

@@ -150,7 +150,7 @@ def siglip_loss_with(
         acc_i2t=acc_i2t,
         acc_t2i=acc_t2i,
         logit_scale=call.scale.detach(),
-        logit_bias=call.bias.detach(),
+        logit_bias=call.bias.detach().clone(),  # a copy: the parameter itself may be fp32
         b_local=call.layout.b_local,
         b_global=big,
     )
