@@ -148,8 +148,8 @@ def clip_loss_with(
 
 
 def _output(loss, sums, scale, layout: Layout) -> ClipLossOutput:
-    big = layout.b_global
-    loss_i2t, loss_t2i, acc_i2t, acc_t2i = (sums / big).unbind()
+    B = layout.b_global
+    loss_i2t, loss_t2i, acc_i2t, acc_t2i = (sums / B).unbind()
     return ClipLossOutput(
         loss=loss,
         loss_global=(loss_i2t + loss_t2i) / 2,
@@ -159,7 +159,7 @@ def _output(loss, sums, scale, layout: Layout) -> ClipLossOutput:
         acc_t2i=acc_t2i,
         logit_scale=scale.detach(),
         b_local=layout.b_local,
-        b_global=big,
+        b_global=B,
     )
 
 
@@ -218,11 +218,11 @@ class Projections(nn.Module):
         return image_features, text_features, None
 
     def describe(self) -> str:
-        o = self.options
+        opts = self.options
         return (
             f"image_dim={self.image_dim}, text_dim={self.text_dim}, embed_dim={self.embed_dim}, "
-            f"logit_scale_max={o.logit_scale_max}, scale_cap={o.scale_cap!r}, "
-            f"backend={o.backend!r}"
+            f"logit_scale_max={opts.logit_scale_max}, scale_cap={opts.scale_cap!r}, "
+            f"backend={opts.backend!r}"
         )
 
 

@@ -115,10 +115,10 @@ def complete_columns(stats: ForwardStats, layout: Layout):
     One MAX all-reduce, then one SUM all-reduce of both sums: each rank adds its own
     columns' positives (which only it computed) to the full sums.
     """
-    o, b = layout.offset, layout.b_local
+    offset, b = layout.offset, layout.b_local
     global_max = all_reduce_(stats.col_max.clone(), layout, dist.ReduceOp.MAX)
     sums = torch.stack([stats.col_neg, stats.col_neg])
-    sums[1, o : o + b] += torch.exp(stats.diag - stats.col_max[o : o + b])
+    sums[1, offset : offset + b] += torch.exp(stats.diag - stats.col_max[offset : offset + b])
     # A rank with no rows has partials (-inf, 0): its rescaled sums are 0 * 0 = 0. The
     # global max itself is finite, since every column has a row on some rank.
     sums *= torch.exp(stats.col_max - global_max)
@@ -140,11 +140,11 @@ def _input_grads(ctx, du, dv_partial, u, v_all):
     """The raw features' gradients: every rank's ``dV`` partials summed and sent home,
     then through the normalisation, in the features' dtypes."""
     layout = ctx.opts.layout
-    o, b = layout.offset, layout.b_local
+    offset, b = layout.offset, layout.b_local
     dv = reduce_scatter_rows(dv_partial, layout)
     (u_norms, v_norms), (image_dtype, text_dtype) = ctx.norms, ctx.dtypes
     du = unit_rows_backward(du, u, u_norms, image_dtype)
-    return du, unit_rows_backward(dv, v_all[o : o + b], v_norms, text_dtype)
+    return du, unit_rows_backward(dv, v_all[offset : offset + b], v_norms, text_dtype)
 
 
 def _refuse_double_backward(ctx) -> None:
@@ -169,21 +169,23 @@ class SinglePassLoss(torch.autograd.Function):
     def forward(ctx, image, text, scale, opts: PassOptions):
         layout = opts.layout
         u, v_all = _unit_inputs(ctx, image, text, opts)
-        o, b, big = layout.offset, layout.b_local, layout.b_global
-        stats = opts.kernels.forward(u, v_all, scale, o, opts.precision, opts.chunk_size)
+        offset, b, B = layout.offset, layout.b_local, layout.b_global
+        stats = opts.kernels.forward(u, v_all, scale, offset, opts.precision, opts.chunk_size)
         col_max, col_neg, col_sum = complete_columns(stats, layout)
 
         row_terms = nll_terms(stats.row_max, stats.row_neg, stats.diag)
-        col_terms = nll_terms(col_max[o : o + b], col_neg[o : o + b], stats.diag)
+        col_terms = nll_terms(
+            col_max[offset : offset + b], col_neg[offset : offset + b], stats.diag
+        )
         sums = torch.stack(
             [
                 row_terms.sum(),
                 col_terms.sum(),
                 (stats.diag >= stats.row_max).sum().float(),
-                (stats.diag >= col_max[o : o + b]).sum().float(),
+                (stats.diag >= col_max[offset : offset + b]).sum().float(),
             ]
         )
-        share = (sums[0] + sums[1]) / (2 * big)
+        share = (sums[0] + sums[1]) / (2 * B)
         all_reduce_(sums, layout)
 
         ctx.opts = opts
@@ -210,7 +212,7 @@ class SinglePassLoss(torch.autograd.Function):
         # accumulation): gather them so every rank can weight every column.
         upstream = all_gather_scalar(grad_loss.detach().float(), layout)
         weights = upstream * (layout.world_size / (2 * layout.b_global))
-        o, b = layout.offset, layout.b_local
+        offset, b = layout.offset, layout.b_local
         w_row = weights[layout.rank].expand(b)
         w_col = weights[layout.owner_of_columns(weights.device)]
         terms = GradientTerms(
@@ -218,11 +220,11 @@ class SinglePassLoss(torch.autograd.Function):
             row_coef=w_row / row_sum,
             col_shift=col_max,
             col_coef=w_col / col_sum,
-            pos_weight=w_row + w_col[o : o + b],
+            pos_weight=w_row + w_col[offset : offset + b],
             diag=diag,
         )
         du, dv_partial, dscale = opts.kernels.backward(
-            u, v_all, scale, o, opts.precision, opts.chunk_size, terms
+            u, v_all, scale, offset, opts.precision, opts.chunk_size, terms
         )
         du, dv = _input_grads(ctx, du, dv_partial, u, v_all)
         return du, dv, dscale.reshape(scale.shape), None
@@ -242,19 +244,21 @@ class SigmoidPassLoss(torch.autograd.Function):
     def forward(ctx, image, text, scale, bias, opts: PassOptions):
         layout = opts.layout
         u, v_all = _unit_inputs(ctx, image, text, opts)
-        o, b, big = layout.offset, layout.b_local, layout.b_global
+        offset, b, B = layout.offset, layout.b_local, layout.b_global
         kernels = opts.kernels
-        stats = kernels.sigmoid_forward(u, v_all, scale, bias, o, opts.precision, opts.chunk_size)
+        stats = kernels.sigmoid_forward(
+            u, v_all, scale, bias, offset, opts.precision, opts.chunk_size
+        )
         col_max = all_reduce_(stats.col_max.clone(), layout, dist.ReduceOp.MAX)
         sums = torch.stack(
             [
                 stats.pos_sum,
                 stats.neg_sum,
                 (stats.diag >= stats.row_max).sum().float(),
-                (stats.diag >= col_max[o : o + b]).sum().float(),
+                (stats.diag >= col_max[offset : offset + b]).sum().float(),
             ]
         )
-        share = (sums[0] + sums[1]) / big
+        share = (sums[0] + sums[1]) / B
         all_reduce_(sums, layout)
         ctx.opts = opts
         ctx.save_for_backward(u, v_all, scale, bias)
@@ -270,9 +274,9 @@ class SigmoidPassLoss(torch.autograd.Function):
             u, v_all, scale, bias = ctx.saved_tensors
             upstream = all_gather_scalar(grad_loss.detach().float(), layout)
             weight = upstream[layout.rank] * (layout.world_size / layout.b_global)
-            o, b = layout.offset, layout.b_local
+            offset, b = layout.offset, layout.b_local
             du, dv_partial, dscale, dbias = opts.kernels.sigmoid_backward(
-                u, v_all, scale, bias, o, opts.precision, opts.chunk_size, weight.expand(b)
+                u, v_all, scale, bias, offset, opts.precision, opts.chunk_size, weight.expand(b)
             )
             du, dv = _input_grads(ctx, du, dv_partial, u, v_all)
             return du, dv, dscale.reshape(scale.shape), dbias.reshape(bias.shape), None

@@ -140,8 +140,8 @@ def siglip_loss_with(
                 kernels, call.layout, call.precision, opts.chunk_size, opts.normalize, NORM_EPS
             )
             loss, sums = SigmoidPassLoss.apply(call.image, call.text, call.scale, call.bias, how)
-    big = call.layout.b_global
-    loss_pos, loss_neg, acc_i2t, acc_t2i = (sums / big).unbind()
+    B = call.layout.b_global
+    loss_pos, loss_neg, acc_i2t, acc_t2i = (sums / B).unbind()
     return SigLipLossOutput(
         loss=loss,
         loss_global=loss_pos + loss_neg,
@@ -152,7 +152,7 @@ def siglip_loss_with(
         logit_scale=call.scale.detach(),
         logit_bias=call.bias.detach().clone(),  # a copy: the parameter itself may be fp32
         b_local=call.layout.b_local,
-        b_global=big,
+        b_global=B,
     )
 
 

@@ -60,7 +60,7 @@ def gamma(n: float, u: float = UNIT_ROUNDOFF) -> float:
 
 
 def make_pairs(
-    big: int,
+    B: int,
     dim: int,
     seed: int = 0,
     *,
@@ -68,7 +68,7 @@ def make_pairs(
     noise: float | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``big`` seeded (image, text) feature pairs, the same on every machine and rank.
+    """``B`` seeded (image, text) feature pairs, the same on every machine and rank.
 
     ``"correlated"``: texts are their images plus noise (0.7 by default), images have a
     realistic spread of norms (unnormalised). ``"aligned"``: noise 0.05, so at a large
@@ -82,15 +82,15 @@ def make_pairs(
     f64 = dict(generator=g, dtype=torch.float64)
     if kind == "adversarial":
         e = torch.randn(dim, **f64)
-        img = e + 0.05 * torch.randn(big, dim, **f64)
-        txt = -e + 0.05 * torch.randn(big, dim, **f64)
-        if big >= 2:
+        img = e + 0.05 * torch.randn(B, dim, **f64)
+        txt = -e + 0.05 * torch.randn(B, dim, **f64)
+        if B >= 2:
             img[1], txt[1] = img[0], txt[0]
         return img.to(dtype), txt.to(dtype)
     noise = (0.7 if kind == "correlated" else 0.05) if noise is None else noise
-    base = torch.randn(big, dim, **f64)
-    img = base * (1 + torch.rand(big, 1, **f64))
-    txt = base + noise * torch.randn(big, dim, **f64)
+    base = torch.randn(B, dim, **f64)
+    img = base * (1 + torch.rand(B, 1, **f64))
+    txt = base + noise * torch.randn(B, dim, **f64)
     return img.to(dtype), txt.to(dtype)
 
 
@@ -121,7 +121,7 @@ class _Problem:
     """What both references start from: the split, each row's upstream weight, the scale,
     the float64 unit features (and their divisors) and the row blocks."""
 
-    big: int
+    B: int
     dim: int
     device: torch.device
     sizes: list[int]
@@ -136,11 +136,11 @@ class _Problem:
     @classmethod
     def of(cls, img, txt, logit_scale, sizes, weights, cap, normalize, block) -> _Problem:
         img, txt = img.detach(), txt.detach()
-        big, dim = img.shape
+        B, dim = img.shape
         dev = img.device
-        sizes = [big] if sizes is None else list(sizes)
-        if sum(sizes) != big:
-            raise ValueError(f"sizes {sizes} do not add up to the batch of {big}")
+        sizes = [B] if sizes is None else list(sizes)
+        if sum(sizes) != B:
+            raise ValueError(f"sizes {sizes} do not add up to the batch of {B}")
         weights = [1.0] * len(sizes) if weights is None else weights
         weights = torch.as_tensor(weights, dtype=torch.float64, device=dev)
         owner = torch.repeat_interleave(
@@ -152,10 +152,10 @@ class _Problem:
             divisors = (u_div, v_div)
         else:
             u, v, divisors = img.double(), txt.double(), None
-        block = block or max(1, (1 << 22) // max(big, 1))
-        rows_of = [(i0, min(i0 + block, big)) for i0 in range(0, big, block)]
+        block = block or max(1, (1 << 22) // max(B, 1))
+        rows_of = [(i0, min(i0 + block, B)) for i0 in range(0, B, block)]
         return cls(
-            big,
+            B,
             dim,
             dev,
             sizes,
@@ -228,30 +228,30 @@ def reference(
     tensors on that device.
     """
     p = _Problem.of(img, txt, logit_scale, sizes, weights, logit_scale_max, normalize, block)
-    big, dim, dev, sizes, raw_scale, s = p.big, p.dim, p.device, p.sizes, p.raw_scale, p.s
+    B, dim, dev, sizes, raw_scale, s = p.B, p.dim, p.device, p.sizes, p.raw_scale, p.s
     u, v, rows_of = p.u, p.v, p.rows_of
-    w = p.row_weight / (2 * big)  # each row's / column's weight in J
+    w = p.row_weight / (2 * B)  # each row's / column's weight in J
     err = _LogitErrors(u, v, s, dim, OPERAND_UNIT[precision])
 
     # Pass 1: row terms and log-sum-exps; column log-sum-exps, online over row blocks.
     f64 = dict(dtype=torch.float64, device=dev)
-    t_row = torch.empty(big, **f64)
-    row_lse = torch.empty(big, **f64)
-    col_lse = torch.full((big,), -math.inf, **f64)
+    t_row = torch.empty(B, **f64)
+    row_lse = torch.empty(B, **f64)
+    col_lse = torch.full((B,), -math.inf, **f64)
     for i0, i1 in rows_of:
         sb = s * u[i0:i1] @ v.T
         t_row[i0:i1] = _terms(sb, torch.arange(i0, i1, device=dev))
         row_lse[i0:i1] = torch.logsumexp(sb, dim=1)
         col_lse = torch.logaddexp(col_lse, torch.logsumexp(sb, dim=0))
-    t_col = torch.empty(big, **f64)
+    t_col = torch.empty(B, **f64)
     for j0, j1 in rows_of:
         t_col[j0:j1] = _terms(s * v[j0:j1] @ u.T, torch.arange(j0, j1, device=dev))
 
     # Pass 2: how far each term moves under the logits' errors (first order), and the
     # columns' error-weighted means sum_i p_col[i, j] E[i, j].
-    sens_row = torch.empty(big, **f64)
-    sens_col = torch.zeros(big, **f64)
-    col_mean_e = torch.zeros(big, **f64)
+    sens_row = torch.empty(B, **f64)
+    sens_col = torch.zeros(B, **f64)
+    col_mean_e = torch.zeros(B, **f64)
     for i0, i1 in rows_of:
         sb, e, pos = s * u[i0:i1] @ v.T, err.block(i0, i1), _positives(i0, i1, dev)
         p_row = torch.exp(sb - row_lse[i0:i1, None])
@@ -264,7 +264,7 @@ def reference(
     d_u = torch.zeros_like(u)
     d_v = torch.zeros_like(v)
     g_dot = ds_bound = 0.0
-    form = gamma(3 * big + 3)  # forming exp, the sums and the log of one term
+    form = gamma(3 * B + 3)  # forming exp, the sums and the log of one term
     for i0, i1 in rows_of:
         dot = u[i0:i1] @ v.T
         sb, e, pos = s * dot, err.block(i0, i1), _positives(i0, i1, dev)
@@ -284,20 +284,20 @@ def reference(
         dg += UNIT_ROUNDOFF * (g.abs() + w[i0:i1, None] * p_row + w[None, :] * p_col)
         dg += 4 * UNDERFLOW
         ds_bound += float((dg * dot.abs()).sum() + (g.abs() * e).sum() / s)
-        ds_bound += gamma(2 * big + 2) * float((g * dot).abs().sum())
+        ds_bound += gamma(2 * B + 2) * float((g * dot).abs().sum())
 
-    loss_i2t, loss_t2i = t_row.sum() / big, t_col.sum() / big
+    loss_i2t, loss_t2i = t_row.sum() / B, t_col.sum() / B
     per_term = sens_row + sens_col + form * (t_row + t_col) + 8 * UNDERFLOW
     share_terms = torch.stack([t.sum() for t in (t_row + t_col).split(sizes)])
-    shares = share_terms / (2 * big)
+    shares = share_terms / (2 * B)
     share_bounds = torch.stack(
         [
-            (part.sum() + gamma(2 * n + 2) * terms) / (2 * big)
+            (part.sum() + gamma(2 * n + 2) * terms) / (2 * B)
             for part, n, terms in zip(per_term.split(sizes), sizes, share_terms, strict=True)
         ]
     )
-    loss_bound = float(per_term.sum() + gamma(2 * big + len(sizes) + 2) * share_terms.sum())
-    loss_bound /= 2 * big
+    loss_bound = float(per_term.sum() + gamma(2 * B + len(sizes) + 2) * share_terms.sum())
+    loss_bound /= 2 * B
 
     if scale_cap == "clamp" and raw_scale > logit_scale_max:
         d_scale, d_scale_bound = 0.0, 0.0
@@ -478,13 +478,13 @@ def siglip_reference(
     blocks and the device as in :func:`reference`.
     """
     p = _Problem.of(img, txt, logit_scale, sizes, weights, logit_scale_max, normalize, block)
-    big, dim, dev, sizes, raw_scale, s = p.big, p.dim, p.device, p.sizes, p.raw_scale, p.s
+    B, dim, dev, sizes, raw_scale, s = p.B, p.dim, p.device, p.sizes, p.raw_scale, p.s
     u, v = p.u, p.v
-    w = p.row_weight / big  # each row's weight in J
+    w = p.row_weight / B  # each row's weight in J
     err = _LogitErrors(u, v, s, dim, OPERAND_UNIT[precision])
-    n_sum = 2 * big + len(sizes) + 2
-    row_terms = torch.zeros(big, dtype=torch.float64, device=dev)
-    row_term_bounds = torch.zeros(big, dtype=torch.float64, device=dev)
+    n_sum = 2 * B + len(sizes) + 2
+    row_terms = torch.zeros(B, dtype=torch.float64, device=dev)
+    row_term_bounds = torch.zeros(B, dtype=torch.float64, device=dev)
     pos = neg = pos_b = neg_b = g_dot = g_sum = ds_b = db_b = 0.0
     d_u, d_v = torch.zeros_like(u), torch.zeros_like(v)
     for i0, i1 in p.rows_of:
@@ -518,11 +518,11 @@ def siglip_reference(
     share_terms = torch.stack([part.sum() for part in row_terms.split(sizes)])
     share_bounds = torch.stack(
         [
-            (b.sum() + gamma(n_sum) * t) / big
+            (b.sum() + gamma(n_sum) * t) / B
             for b, t in zip(row_term_bounds.split(sizes), share_terms, strict=True)
         ]
     )
-    loss_bound = (float(row_term_bounds.sum()) + gamma(n_sum) * total) / big
+    loss_bound = (float(row_term_bounds.sum()) + gamma(n_sum) * total) / B
     if scale_cap == "clamp" and raw_scale > logit_scale_max:
         d_scale, d_scale_bound = 0.0, 0.0
     else:
@@ -531,17 +531,17 @@ def siglip_reference(
     f64 = dict(dtype=torch.float64, device=dev)
     d_img, d_txt = p.input_grads(d_u, d_v)
     return SigLipReference(
-        loss=torch.tensor(total / big, **f64),
-        loss_pos=torch.tensor(pos / big, **f64),
-        loss_neg=torch.tensor(neg / big, **f64),
-        shares=share_terms / big,
+        loss=torch.tensor(total / B, **f64),
+        loss_pos=torch.tensor(pos / B, **f64),
+        loss_neg=torch.tensor(neg / B, **f64),
+        shares=share_terms / B,
         d_img=d_img,
         d_txt=d_txt,
         d_scale=torch.tensor(d_scale, **f64),
         d_bias=torch.tensor(g_sum, **f64),
         loss_bound=loss_bound,
-        pos_bound=(pos_b + gamma(n_sum) * pos) / big,
-        neg_bound=(neg_b + gamma(n_sum) * neg) / big,
+        pos_bound=(pos_b + gamma(n_sum) * pos) / B,
+        neg_bound=(neg_b + gamma(n_sum) * neg) / B,
         share_bounds=share_bounds,
         d_scale_bound=d_scale_bound,
         d_bias_bound=db_b,

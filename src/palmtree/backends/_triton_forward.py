@@ -157,21 +157,21 @@ def forward_stats(block):
     uq, vq, scale, offset = block.uq, block.vq, block.scale, block.offset
     precision, plan = block.precision, block.plan
     b, dim = uq.shape
-    big = vq.shape[0]
+    B = vq.shape[0]
     f32 = dict(dtype=torch.float32, device=uq.device)
     bm, bn, bk = plan.block_m, plan.block_n, plan.block_k
     row_blocks = triton.cdiv(b, bm)
-    seg = plan.segment_width(row_blocks, big)
-    layout = [(c0, min(seg, big - c0)) for c0 in range(0, big, seg)]
+    seg = plan.segment_width(row_blocks, B)
+    layout = [(c0, min(seg, B - c0)) for c0 in range(0, B, seg)]
     splits = [plan.splits(row_blocks, triton.cdiv(n, bn)) for _, n in layout]
     total_splits = sum(n_split for n_split, _ in splits)
 
     row_pmax = torch.empty(total_splits, b, **f32)
     row_psum = torch.empty(total_splits, b, **f32)
-    col_pmax = torch.empty(row_blocks * min(seg, big), **f32)
+    col_pmax = torch.empty(row_blocks * min(seg, B), **f32)
     col_psum = torch.empty_like(col_pmax)
-    col_max = torch.empty(big, **f32)
-    col_neg = torch.empty(big, **f32)
+    col_max = torch.empty(B, **f32)
+    col_neg = torch.empty(B, **f32)
     diag = torch.empty(b, **f32)
     first = 0
     for (c0, n), (n_split, tiles_per_split) in zip(layout, splits, strict=True):

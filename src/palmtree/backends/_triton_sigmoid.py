@@ -114,14 +114,14 @@ def sigmoid_forward_stats(block, bias):
     uq, vq, scale, offset = block.uq, block.vq, block.scale, block.offset
     precision, plan = block.precision, block.plan
     b, dim = uq.shape
-    big = vq.shape[0]
+    B = vq.shape[0]
     f32 = dict(dtype=torch.float32, device=uq.device)
     bm, bn = plan.block_m, plan.block_n
     row_blocks = triton.cdiv(b, bm)
-    n_split, tiles_per_split = plan.splits(row_blocks, triton.cdiv(big, bn))
+    n_split, tiles_per_split = plan.splits(row_blocks, triton.cdiv(B, bn))
     part_sums = torch.empty(row_blocks * n_split * 2, **f32)
     row_max = torch.full((b,), -torch.inf, **f32)
-    col_max = torch.full((big,), -torch.inf, **f32)
+    col_max = torch.full((B,), -torch.inf, **f32)
     diag = torch.empty(b, **f32)
     _sigmoid_forward_kernel[(row_blocks, n_split)](
         U=uq,
@@ -133,7 +133,7 @@ def sigmoid_forward_stats(block, bias):
         COL_MAX=col_max,
         DIAG=diag,
         b=b,
-        n_cols=big,
+        n_cols=B,
         D=dim,
         diag_shift=offset,
         stride_u=uq.stride(0),

@@ -72,12 +72,12 @@ class ForwardStats:
         return self.row_neg + torch.exp(self.diag - self.row_max)
 
     @classmethod
-    def empty(cls, big: int, device: torch.device) -> ForwardStats:
+    def empty(cls, B: int, device: torch.device) -> ForwardStats:
         """The statistics of a rank with no rows: ``(-inf, 0)`` column partials."""
         f32 = dict(dtype=torch.float32, device=device)
         none = torch.empty(0, **f32)
-        col_max = torch.full((big,), -torch.inf, **f32)
-        return cls(none, none, col_max, torch.zeros(big, **f32), none)
+        col_max = torch.full((B,), -torch.inf, **f32)
+        return cls(none, none, col_max, torch.zeros(B, **f32), none)
 
 
 @dataclass
@@ -154,11 +154,11 @@ class SigmoidStats:
     diag: torch.Tensor
 
     @classmethod
-    def empty(cls, big: int, device: torch.device) -> SigmoidStats:
+    def empty(cls, B: int, device: torch.device) -> SigmoidStats:
         f32 = dict(dtype=torch.float32, device=device)
         none = torch.empty(0, **f32)
         zero = torch.zeros((), **f32)
-        return cls(zero, zero.clone(), none, torch.full((big,), -torch.inf, **f32), none)
+        return cls(zero, zero.clone(), none, torch.full((B,), -torch.inf, **f32), none)
 
 
 class SigmoidKernels(Protocol):

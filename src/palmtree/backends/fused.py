@@ -162,11 +162,11 @@ class TilePlan:
             partials_budget=256 << 20,
         )
 
-    def segment_width(self, row_blocks: int, big: int) -> int:
+    def segment_width(self, row_blocks: int, B: int) -> int:
         """Columns per forward launch so the (max, sum) partials stay within budget."""
         cols = self.partials_budget // (8 * row_blocks)
         cols = max(self.block_n, cols // self.block_n * self.block_n)
-        return max(1, min(cols, big))
+        return max(1, min(cols, B))
 
     def splits(self, row_blocks: int, n_tiles: int) -> tuple[int, int]:
         """``(splits, tiles per split)``: no split is empty."""

@@ -68,16 +68,16 @@ def reference_loss(
     """Same contract as :class:`palmtree.protocol.SinglePassLoss`: ``(N * share_r, sums)``."""
     u = unit_rows(image, eps) if normalize else image.float()
     v = unit_rows(text, eps) if normalize else text.float()
-    o, b, big = layout.offset, layout.b_local, layout.b_global
+    offset, b, B = layout.offset, layout.b_local, layout.b_global
     u_all = gather_rows_with_grad(u, layout)
     v_all = gather_rows_with_grad(v, layout)
     uq, vq = _round_operand(u, precision), _round_operand(v, precision)
-    image_rows = scale * uq @ _round_operand(v_all, precision).T  # S[o:o+b, :]
-    text_rows = scale * vq @ _round_operand(u_all, precision).T  # S[:, o:o+b]^T
-    labels = torch.arange(o, o + b, device=u.device)
+    image_rows = scale * uq @ _round_operand(v_all, precision).T  # S[offset:offset+b, :]
+    text_rows = scale * vq @ _round_operand(u_all, precision).T  # S[:, offset:offset+b]^T
+    labels = torch.arange(offset, offset + b, device=u.device)
     row_sum = nll_sum(image_rows, labels)
     col_sum = nll_sum(text_rows, labels)
-    share = (row_sum + col_sum) / (2 * big)
+    share = (row_sum + col_sum) / (2 * B)
 
     with torch.no_grad():
         sums = torch.zeros(4, dtype=torch.float32, device=u.device)
@@ -104,17 +104,17 @@ def reference_sigmoid_loss(
     :class:`palmtree.protocol.SigmoidPassLoss`, ``(N * share_r, sums)``."""
     u = unit_rows(image, eps) if normalize else image.float()
     v = unit_rows(text, eps) if normalize else text.float()
-    o, b, big = layout.offset, layout.b_local, layout.b_global
+    offset, b, B = layout.offset, layout.b_local, layout.b_global
     v_all = gather_rows_with_grad(v, layout)
     logits = scale * _round_operand(u, precision) @ _round_operand(v_all, precision).T
     rows = torch.arange(b, device=u.device)
     positive = torch.zeros_like(logits, dtype=torch.bool)
-    positive[rows, o + rows] = True
+    positive[rows, offset + rows] = True
     x = logits + bias
     terms = F.softplus(torch.where(positive, -x, x))
     pos = terms[positive].sum()
     neg = terms.masked_fill(positive, 0.0).sum()
-    share = (pos + neg) / big
+    share = (pos + neg) / B
 
     with torch.no_grad():
         u_all = gather_rows(u.detach(), layout)
@@ -122,6 +122,6 @@ def reference_sigmoid_loss(
         sums = torch.stack([pos.detach(), neg.detach(), pos.new_zeros(()), pos.new_zeros(())])
         if b:
             for k, block in ((2, logits), (3, text_rows)):
-                sums[k] = (block[rows, o + rows] >= block.amax(1)).sum()
+                sums[k] = (block[rows, offset + rows] >= block.amax(1)).sum()
         all_reduce_(sums, layout)
     return layout.world_size * share, sums

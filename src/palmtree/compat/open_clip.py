@@ -194,8 +194,8 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": out.loss} if output_dict else out.loss
 
     def extra_repr(self) -> str:
-        o = self.options
-        return f"backend={o.backend!r}, precision={o.precision!r} (exact global loss)"
+        opts = self.options
+        return f"backend={opts.backend!r}, precision={opts.precision!r} (exact global loss)"
 
 
 def _world_error(loss: nn.Module, rank: int, world_size: int) -> str | None:
@@ -298,5 +298,5 @@ class SigLipLoss(nn.Module):
         return {"contrastive_loss": out.loss} if output_dict else out.loss
 
     def extra_repr(self) -> str:
-        o = self.options
-        return f"backend={o.backend!r}, precision={o.precision!r} (exact global loss)"
+        opts = self.options
+        return f"backend={opts.backend!r}, precision={opts.precision!r} (exact global loss)"

@@ -25,16 +25,16 @@ SIGLIP_BIASES = (-10.0, 10.0)
 NOISE = 2.0
 
 
-def split_sizes(big: int, n: int) -> list[int]:
-    """An uneven split of ``big`` pairs over ``n`` ranks; rank 1 is empty when ``n >= 3``.
+def split_sizes(B: int, n: int) -> list[int]:
+    """An uneven split of ``B`` pairs over ``n`` ranks; rank 1 is empty when ``n >= 3``.
 
     Rank ``r`` gets a share proportional to ``r + 2``, so every size differs.
     """
     weights = [0 if (n >= 3 and r == 1) else r + 2 for r in range(n)]
     total = sum(weights)
-    sizes = [big * w // total for w in weights]
+    sizes = [B * w // total for w in weights]
     r = n - 1
-    while sum(sizes) < big:  # the remainder goes to the largest ranks
+    while sum(sizes) < B:  # the remainder goes to the largest ranks
         if weights[r]:
             sizes[r] += 1
         r = (r - 1) % n
@@ -164,9 +164,9 @@ class Results:
 
     @classmethod
     def compute(cls, case, backend, precision, img, txt, sizes, rank, opts) -> Results:
-        o, b, dev = sum(sizes[:rank]), sizes[rank], img.device
-        i = img[o : o + b].clone().requires_grad_()
-        t = txt[o : o + b].clone().requires_grad_()
+        offset, b, dev = sum(sizes[:rank]), sizes[rank], img.device
+        i = img[offset : offset + b].clone().requires_grad_()
+        t = txt[offset : offset + b].clone().requires_grad_()
         theta = torch.tensor(case.log_scale, device=dev, requires_grad=True)
         kw = dict(backend=backend, precision=precision, chunk_size=opts.chunk_size)
         if case.loss == "clip":
@@ -198,7 +198,7 @@ def _figures(case: Case, truth: Truth, ours: Results, sizes: list[int], rank: in
     ranks in float64, as DDP applies them.
     """
     ex, n = truth.exact, len(sizes)
-    o, b = sum(sizes[:rank]), sizes[rank]
+    offset, b = sum(sizes[:rank]), sizes[rank]
     share, share_bound = n * ex.shares[rank], n * float(ex.share_bounds[rank])
     found = [Comparison("loss", testing.max_error(ours.loss, share), share_bound, _size(share))]
     bounds = {"loss_global": ex.loss_bound}
@@ -211,7 +211,7 @@ def _figures(case: Case, truth: Truth, ours: Results, sizes: list[int], rank: in
         ("d_image", ours.d_image, ex.d_img, truth.d_image_bound),
         ("d_text", ours.d_text, ex.d_txt, truth.d_text_bound),
     ):
-        err = testing.max_error(value, n * want[o : o + b])
+        err = testing.max_error(value, n * want[offset : offset + b])
         found.append(Comparison(q, err, bound, n * _size(want)))
     scalars = [("d_scale", ours.d_scale, ex.d_scale, ex.d_scale_bound)]
     if case.loss == "siglip":

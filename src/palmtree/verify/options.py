@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-PRECISIONS = ("ieee", "tf32", "bf16")
-BACKENDS = ("reference", "chunked", "fused")
-LOSSES = ("clip", "siglip")
+from ..backends.base import PRECISIONS
+from ..options import LOSSES
+
+BACKENDS = ("reference", "chunked", "fused")  # what it checks ("auto" is one of these)
 DEFAULT_SCALES = (1 / 0.07, 99.0)
 FAULTS = ("raise", "hang", "wrong", "nan")
 #: The smallest temperature float32 holds as a normal number; below it ``exp(logit_scale)``
