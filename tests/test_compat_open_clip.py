@@ -39,19 +39,13 @@ def unit_batch(big, seed):
 
 
 def truth(sizes, seed, log_scale=LOG_SCALE):
-    """float64 loss, per-rank shares and gradients of the global loss; no normalisation."""
+    """float64 loss, per-rank shares and gradients of the global loss: open_clip's setting
+    (features already unit vectors, not normalised again; no cap on the scale)."""
     img, txt = unit_batch(sum(sizes), seed)
-    i = img.double().requires_grad_()
-    t = txt.double().requires_grad_()
-    theta = torch.tensor(log_scale, dtype=torch.float64, requires_grad=True)
-    logits = theta.exp() * i @ t.T
-    labels = torch.arange(len(i))
-    terms = F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(
-        logits.T, labels, reduction="none"
+    ref = testing.reference(
+        img, txt, log_scale, sizes=sizes, logit_scale_max=math.inf, normalize=False
     )
-    shares = torch.stack([part.sum() for part in terms.split(sizes)]) / (2 * len(i))
-    shares.sum().backward()
-    return {"shares": shares.detach(), "d_img": i.grad, "d_txt": t.grad, "d_scale": theta.grad}
+    return {"shares": ref.shares, "d_img": ref.d_img, "d_txt": ref.d_txt, "d_scale": ref.d_scale}
 
 
 def run_loss(loss_fn, rank, sizes, seed, **kw):
