@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -16,8 +17,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from palmtree import clip_loss, testing
-from palmtree.bench import FIELDS, cases, check, main, markdown_table, measure, peers, report, sweep
+from palmtree import clip_loss, siglip_loss, testing
+from palmtree.bench import (
+    FIELDS,
+    cases,
+    check,
+    cli,
+    main,
+    markdown_table,
+    measure,
+    peers,
+    report,
+    sweep,
+)
 
 OPEN_CLIP = peers.peer_status("open_clip", "cpu")
 needs_open_clip = pytest.mark.skipif(OPEN_CLIP is not None, reason=str(OPEN_CLIP))
@@ -79,21 +91,60 @@ def test_inputs_are_testings_correlated_pairs():
     assert 0.05 < loss < math.log(256) / 2  # neither trivial nor uncorrelated
 
 
-def test_verdict_holds_fp32_within_the_bounds_and_flags_what_is_not():
-    img, txt = cases.make_inputs(64, 16, seed=3, device="cpu")
-    exact = check.truth(img, txt, math.log(1 / 0.07), "ieee")
+def _chunked_case(loss: str, img, txt, log_scale: float) -> tuple[torch.Tensor, dict]:
+    """``loss`` by the chunked backend at the bench's settings: the loss and its grads."""
+    case = cases.Case("chunked", "ieee", len(img), img.shape[1], "cpu", 1, 0, 0, log_scale)
+    case = dataclasses.replace(case, loss=loss)
     i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    s = torch.tensor(math.log(1 / 0.07), requires_grad=True)
-    loss = clip_loss(i, t, s, precision="ieee", backend="chunked").loss
-    loss.backward()
-    got = check.compare("ieee", loss, i.grad, t.grad, s.grad, exact)
+    scalars = cases.scalar_leaves(case, torch.device("cpu"))
+    loss_value = cases.loss_fn(case)(i, t, *scalars)
+    loss_value.backward()
+    grads = dict(d_img=i.grad, d_txt=t.grad)
+    grads.update(zip(cases.SCALAR_GRADS[loss], (x.grad for x in scalars), strict=True))
+    return loss_value.detach(), grads
+
+
+@pytest.mark.parametrize("loss", cases.LOSSES)
+def test_verdict_holds_fp32_within_the_bounds_and_flags_what_is_not(loss):
+    img, txt = cases.make_inputs(64, 16, seed=3, device="cpu")
+    log_scale = math.log(1 / 0.07) if loss == "clip" else cases.SIGLIP_LOG_SCALE
+    exact = check.truth(img, txt, log_scale, "ieee", loss)
+    value, grads = _chunked_case(loss, img, txt, log_scale)
+    got = check.compare("ieee", value, grads, exact)
     assert got["note"].startswith(check.WITHIN) and got["loss_diff"] < 1e-6
-    assert check.compare("bf16", loss, i.grad, t.grad, s.grad, exact)["note"] == ""
+    assert ("d_bias" in got["note"]) == (loss == "siglip")
+    assert check.compare("bf16", value, grads, exact)["note"] == ""
 
     off = float(exact["loss"]) + 2 * exact["loss_bound"]
-    assert check.verdict(torch.tensor(off), s.grad, exact).startswith(check.OUTSIDE + ": loss")
-    nan = check.verdict(loss, torch.tensor(math.nan), exact)
-    assert nan.startswith(check.OUTSIDE + ": d_scale")
+    assert check.verdict(torch.tensor(off), grads, exact).startswith(check.OUTSIDE + ": loss")
+    for name in cases.SCALAR_GRADS[loss]:
+        nan = check.verdict(value, dict(grads, **{name: torch.tensor(math.nan)}), exact)
+        assert nan.startswith(f"{check.OUTSIDE}: {name}")
+
+
+def _autograd_fp64_siglip(img, txt, log_scale, bias, cap=100.0):
+    i, t = img.double().requires_grad_(), txt.double().requires_grad_()
+    ls = torch.tensor(log_scale, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(bias, dtype=torch.float64, requires_grad=True)
+    u, v = F.normalize(i, dim=-1, eps=1e-6), F.normalize(t, dim=-1, eps=1e-6)
+    logits = ls.exp().clamp(max=cap) * u @ v.T + b
+    z = 2 * torch.eye(len(u), dtype=torch.float64) - 1
+    loss = -F.logsigmoid(z * logits).sum() / len(u)
+    loss.backward()
+    return dict(loss=loss.detach(), d_img=i.grad, d_txt=t.grad, d_scale=ls.grad, d_bias=b.grad)
+
+
+def test_siglip_truth_is_the_float64_sigmoid_loss():
+    img, txt = cases.make_inputs(70, 24, seed=1, device="cpu")
+    want = _autograd_fp64_siglip(img, txt, cases.SIGLIP_LOG_SCALE, cases.SIGLIP_BIAS)
+    got = check.truth(img, txt, cases.SIGLIP_LOG_SCALE, "ieee", "siglip")
+    assert got["loss_kind"] == "siglip" and set(want) < set(got)
+    # Two float64 computations in different orders: sums of B^2 = 4900 terms.
+    tol = 4900 * 2.0**-53
+    for name, exact in want.items():
+        assert testing.max_error(got[name], exact) <= tol * float(exact.abs().max()), name
+    for name in ("loss", "d_scale", "d_bias"):
+        assert 0 < got[f"{name}_bound"] < 1e-3 * abs(float(want[name])), name
 
 
 def test_table_shows_only_the_notes_that_matter():
@@ -138,9 +189,34 @@ def test_open_clip_gives_palmtree_loss_and_gradients():
         torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-7)
 
 
+@needs_open_clip
+def test_open_clip_siglip_gives_palmtree_loss_and_gradients():
+    img, txt = cases.make_inputs(96, 40, seed=3, device="cpu")
+    grads = []
+    ours = lambda i, t, s, b: siglip_loss(i, t, s, b, precision="ieee").loss  # noqa: E731
+    for fn in (peers.open_clip_siglip_loss, ours):
+        i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        s = torch.tensor(cases.SIGLIP_LOG_SCALE, requires_grad=True)
+        b = torch.tensor(cases.SIGLIP_BIAS, requires_grad=True)
+        loss = fn(i, t, s, b)
+        loss.backward()
+        grads.append((loss.detach(), i.grad, t.grad, s.grad, b.grad))
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-7)
+
+
 def test_inf_cl_reports_why_it_cannot_run_on_cpu():
     why = peers.peer_status("inf_cl", "cpu")
     assert why is not None and "CUDA" in why
+    why = cases.skip_reason("inf_cl", "tf32", torch.device("cuda"), "siglip")
+    assert why == "Inf-CL has no sigmoid loss"
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == FIELDS
+        return list(reader)
 
 
 def test_quick_sweep_writes_rows_table_and_plot(tmp_path):
@@ -149,10 +225,7 @@ def test_quick_sweep_writes_rows_table_and_plot(tmp_path):
     argv += ["--backends", "reference", "chunked", "--peers", *impl_peers]
     assert main(argv) == 0
 
-    with (tmp_path / "t.csv").open(newline="") as f:
-        reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == FIELDS
-        rows = list(reader)
+    rows = _read_csv(tmp_path / "t.csv")
     impls = ["reference", "chunked", *impl_peers]
     assert sorted((r["impl"], int(r["batch"])) for r in rows) == sorted(
         (impl, b) for impl in impls for b in cases.QUICK["batch_sizes"]
@@ -170,6 +243,55 @@ def test_quick_sweep_writes_rows_table_and_plot(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 1000
     table = (tmp_path / "t.md").read_text()
     assert "| chunked | ieee | 128 | 32 |" in table
+    assert "chunked / reference (ieee, B=128, D=32): memory" in table
+
+
+def test_siglip_sweep_by_default_writes_under_runs(tmp_path, monkeypatch):
+    """``--loss siglip``: rows named ``siglip:<impl>``, checked against the sigmoid truth
+    (d_bias included), Inf-CL a skip row; files go to runs/bench/<device>-siglip.*, and
+    nothing to benchmarks/results."""
+    monkeypatch.chdir(tmp_path)
+    impl_peers = ["inf_cl"] + (["open_clip"] if OPEN_CLIP is None else [])
+    argv = ["--quick", "--device", "cpu", "--loss", "siglip", "--isolate", "none"]
+    assert main([*argv, "--backends", "reference", "chunked", "--peers", *impl_peers]) == 0
+
+    out = tmp_path / "runs" / "bench"
+    (path,) = out.glob("*.csv")
+    assert path.stem == cli.default_name(torch.device("cpu"), "siglip")
+    assert path.stem.endswith("-siglip") and not (tmp_path / "benchmarks").exists()
+    rows = _read_csv(path)
+    labels = {f"siglip:{impl}" for impl in ["reference", "chunked", *impl_peers]}
+    assert {r["impl"] for r in rows} == labels
+    for r in rows:
+        if r["impl"] == "siglip:inf_cl":
+            assert r["status"] == "skip" and r["note"] == "Inf-CL has no sigmoid loss"
+            continue
+        assert r["status"] == "ok", r
+        assert float(r["loss_diff"]) < 1e-5 and float(r["grad_diff"]) < 1e-4, r
+        assert r["note"].startswith(check.WITHIN) and "d_bias" in r["note"], r
+    table = path.with_suffix(".md").read_text()
+    assert "| siglip:chunked | ieee | 128 | 32 |" in table
+    assert "siglip:chunked / siglip:reference (ieee, B=128, D=32)" in table
+    if OPEN_CLIP is None:
+        assert "siglip:chunked / siglip:open_clip (ieee, B=128, D=32)" in table
+
+
+def test_labels_carry_the_loss_and_clip_rows_keep_their_names():
+    assert cases.impl_label("chunked", "clip") == "chunked"
+    for loss in cases.LOSSES:
+        for impl in ("chunked", "open_clip", "inf_cl"):
+            assert cases.split_label(cases.impl_label(impl, loss)) == (loss, impl)
+
+
+def test_committed_results_are_readable_by_this_version():
+    """The reference results under benchmarks/results keep the CSV's columns, so a table
+    or a plot can be redrawn from them (``--plot-only``) and runs appended to them."""
+    results = SRC.parents[1] / "benchmarks" / "results"
+    files = sorted(p for p in results.glob("*.csv") if not p.name.startswith("accumulate-"))
+    assert files
+    for path in files:
+        rows = _read_csv(path)
+        assert rows and {r["status"] for r in rows} <= set(report.STATUSES), path
 
 
 def test_out_of_memory_is_a_row_not_a_crash():
@@ -220,6 +342,20 @@ def test_ratios_survive_a_peak_that_reads_zero():
     rows = [dict(base, impl="reference", peak_mb="1.5"), dict(base, impl="fused", peak_mb="0")]
     assert report.target_summary(rows) == [
         "fused / reference (ieee, B=64, D=32): memory 0.000x, time 1.00x"
+    ]
+
+
+def test_ratios_compare_within_one_loss():
+    base = dict(status="ok", precision="ieee", batch="64", dim="32", median_ms="2")
+    rows = [
+        dict(base, impl="reference", peak_mb="8"),
+        dict(base, impl="chunked", peak_mb="1"),
+        dict(base, impl="siglip:open_clip", peak_mb="4", median_ms="4"),
+        dict(base, impl="siglip:chunked", peak_mb="1"),
+    ]
+    assert report.target_summary(rows) == [
+        "chunked / reference (ieee, B=64, D=32): memory 0.125x (1/8.0), time 1.00x",
+        "siglip:chunked / siglip:open_clip (ieee, B=64, D=32): memory 0.250x (1/4.0), time 0.50x",
     ]
 
 

@@ -52,11 +52,13 @@ class RowNorms:
     small: torch.Tensor
 
 
-def _times_pow2(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _times_pow2(x: torch.Tensor, k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """``x * 2**k``, exact barring under/overflow of the result: in two halves, so that
-    neither factor overflows where ``2**k`` alone would."""
+    neither factor overflows where ``2**k`` alone would (in ``x`` itself if ``inplace``)."""
     half = torch.div(k, 2, rounding_mode="floor")
     two = torch.tensor(2.0, dtype=x.dtype, device=x.device)
+    if inplace:
+        return x.mul_(torch.pow(two, half)).mul_(torch.pow(two, k - half))
     return x * torch.pow(two, half) * torch.pow(two, k - half)
 
 
@@ -94,7 +96,9 @@ def unit_rows_backward(
     dot = torch.bmm(u.unsqueeze(1), grad.unsqueeze(2)).squeeze(2)
     dot.masked_fill_(norms.small, 0.0)
     grad.addcmul_(u, dot, value=-1).div_(norms.divisor)
-    return _times_pow2(grad.to(dtype), -norms.exponent)
+    # In place when the features are fp32: two B x D temporaries were the loss's peak.
+    out = grad if dtype == torch.float32 else grad.to(dtype)
+    return _times_pow2(out, -norms.exponent, inplace=True)
 
 
 def nll_terms(row_max: torch.Tensor, neg: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:

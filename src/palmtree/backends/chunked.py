@@ -104,14 +104,7 @@ class ChunkedKernels:
             if where is not None:
                 g[where[0], where[1]] -= terms.pos_weight[where[0]]
             dscale += torch.mul(g, dot, out=scratch).sum()
-            gq = cast_operand(g, precision)
-            if gq.dtype == torch.float32:  # accumulate in place: no b x D temporary per chunk
-                with fp32_matmul_mode(precision, u.device):
-                    du.addmm_(gq, vq)
-                    torch.mm(gq.T, uq, out=dv[c0:c1])
-            else:
-                du += mm(gq, vq, precision)
-                dv[c0:c1] = mm(gq.T, uq, precision)
+            _add_products(du, dv[c0:c1], cast_operand(g, precision), uq, vq, precision)
         return du.mul_(scale), dv.mul_(scale), dscale
 
     def sigmoid_forward(self, u, v, scale, bias, offset, precision, chunk_size) -> SigmoidStats:
@@ -119,27 +112,32 @@ class ChunkedKernels:
         stats = SigmoidStats.empty(big, u.device)
         if b == 0:
             return stats
+        f32 = dict(dtype=torch.float32, device=u.device)
         chunk = chunk_size or auto_chunk_size(b, big, u.device)
         uq = cast_operand(u, precision)
-        pos = neg = stats.pos_sum
-        row_max = torch.full((b,), -torch.inf, dtype=torch.float32, device=u.device)
-        diag = torch.empty(b, dtype=torch.float32, device=u.device)
+        col_max = stats.col_max
+        row_max = torch.full((b,), -torch.inf, **f32)
+        diag = torch.empty(b, **f32)
+        neg, zero = torch.zeros((), **f32), torch.zeros((), **f32)
         for c0 in range(0, big, chunk):
             c1 = min(c0 + chunk, big)
-            s = mm(uq, cast_operand(v[c0:c1], precision).T, precision).mul_(scale)
-            stats.col_max[c0:c1] = s.amax(0)
-            row_max = torch.maximum(row_max, s.amax(1))
+            dot = mm(uq, cast_operand(v[c0:c1], precision).T, precision)
+            # The maxima and positives of S = scale * dot are taken from dot and scaled
+            # after the loop: scale >= 0 and rounding is monotonic, so
+            # fl(scale * max(dot)) == max(fl(scale * dot)), bit for bit.
+            torch.amax(dot, 0, out=col_max[c0:c1])
+            torch.maximum(row_max, dot.amax(1), out=row_max)
             where = _diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
-                diag[where[0]] = s[where[0], where[1]]
-            x = s.add_(bias)  # the logits are not needed again: in place
+                diag[where[0]] = dot[where[0], where[1]]
+            x = torch.addcmul(bias, dot, scale, out=dot)  # S + bias: dot is not needed again
             if where is not None:
-                # A positive's term is softplus(-x): flip them, sum, then drop them.
-                x[where[0], where[1]] = -x[where[0], where[1]]
-                pos = pos + F.softplus(x[where[0], where[1]]).sum()
-                x[where[0], where[1]] = -torch.inf  # softplus(-inf) = 0 among the negatives
-            neg = neg + F.softplus(x).sum()
-        return SigmoidStats(pos, neg, row_max, stats.col_max, diag)
+                x[where[0], where[1]] = -torch.inf  # the positives' terms are summed below
+            # softplus(x) = logaddexp(x, 0), in place: no second b x chunk buffer.
+            neg += torch.logaddexp(x, zero, out=x).sum()
+        diag.mul_(scale)  # S at the positives, from the chunks' own products
+        pos = F.softplus(-(diag + bias)).sum()  # a positive's term: softplus(-(S + bias))
+        return SigmoidStats(pos, neg, row_max.mul_(scale), col_max.mul_(scale), diag)
 
     def sigmoid_backward(self, u, v, scale, bias, offset, precision, chunk_size, row_weight):
         b, big = u.shape[0], v.shape[0]
@@ -147,30 +145,56 @@ class ChunkedKernels:
         dbias = dscale.clone()
         if b == 0:
             return du, dv, dscale, dbias
+        f32 = dict(dtype=torch.float32, device=u.device)
         chunk = chunk_size or auto_chunk_size(b, big, u.device)
         uq = cast_operand(u, precision)
         weight = row_weight[:, None]
+        diag = torch.empty(b, **f32)  # U V^T at the positives
+        # fp32 operands: every chunk's product goes into one buffer (no allocation per chunk).
+        fp32 = uq.dtype == torch.float32
+        dots = torch.empty(b * min(chunk, big), **f32) if fp32 else None
         g = None
         for c0 in range(0, big, chunk):
             c1 = min(c0 + chunk, big)
             vq = cast_operand(v[c0:c1], precision)
-            dot = mm(uq, vq.T, precision)
+            if fp32:
+                dot = dots[: b * (c1 - c0)].view(b, c1 - c0)
+                with fp32_matmul_mode(precision, u.device):
+                    torch.mm(uq, vq.T, out=dot)
+            else:
+                dot = mm(uq, vq.T, precision)
             g = _buffer(g, dot)
-            # G = -z sigmoid(-z x): sigmoid(x) on the negatives, -sigmoid(-x) at a positive.
-            x = torch.mul(dot, scale, out=g).add_(bias)
+            x = torch.addcmul(bias, dot, scale, out=g)  # S + bias
             where = _diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
-                x[where[0], where[1]] = -x[where[0], where[1]]
-            g = x.sigmoid_()
-            if where is not None:
-                g[where[0], where[1]] = -g[where[0], where[1]]
-            g.mul_(weight)
-            dscale += (g * dot).sum()
+                # A positive's G = -sigmoid(-x) is added after the loop, from its product
+                # saved here: sigmoid(x) - 1 would cancel where sigmoid(x) ~ 1.
+                diag[where[0]] = dot[where[0], where[1]]
+                x[where[0], where[1]] = -torch.inf  # sigmoid(-inf) = 0
+            g = x.sigmoid_().mul_(weight)  # G on the negatives: w_i sigmoid(x)
+            dscale += torch.mul(g, dot, out=dot).sum()  # dot is not needed again
             dbias += g.sum()
-            gq = cast_operand(g, precision)
-            du += mm(gq, vq, precision)
-            dv[c0:c1] = mm(gq.T, uq, precision)
+            _add_products(du, dv[c0:c1], cast_operand(g, precision), uq, vq, precision)
+        # The positives (row i, column offset + i): G = -w_i sigmoid(-x), x = S + bias.
+        g_pos = torch.sigmoid(-torch.addcmul(bias, diag, scale)).mul_(row_weight).neg_()
+        rows = slice(offset, offset + b)
+        du.addcmul_(g_pos[:, None], v[rows])
+        dv[rows].addcmul_(g_pos[:, None], u)
+        dscale += torch.dot(g_pos, diag)
+        dbias += g_pos.sum()
         return du.mul_(scale), dv.mul_(scale), dscale, dbias
+
+
+def _add_products(du, dv_chunk, gq, uq, vq, precision: str) -> None:
+    """``du += gq @ vq`` and ``dv_chunk = gq^T @ uq``, in place for fp32 operands (no
+    ``b x D`` temporary per chunk)."""
+    if gq.dtype == torch.float32:
+        with fp32_matmul_mode(precision, uq.device):
+            du.addmm_(gq, vq)
+            torch.mm(gq.T, uq, out=dv_chunk)
+    else:
+        du += mm(gq, vq, precision)
+        dv_chunk.copy_(mm(gq.T, uq, precision))
 
 
 def _negatives(e: torch.Tensor, where) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """``palmtree bench``: time and peak memory of the loss, per backend, precision and peer.
 
-Every case is one forward+backward of the bidirectional loss on a global batch of ``B``
-correlated (image, text) pairs of width ``D``, in one process, checked against the
-float64 truth of :mod:`palmtree.testing`. One concern per module:
+Every case is one forward+backward of the loss (the bidirectional CLIP loss, or with
+``--loss siglip`` the sigmoid loss) on a global batch of ``B`` correlated (image, text)
+pairs of width ``D``, in one process, checked against the float64 truth of
+:mod:`palmtree.testing`. One concern per module:
 
 * :mod:`~palmtree.bench.cases`: what is measured (a case, the default grid, the inputs,
   skip reasons, the loss callable of each implementation and precision);
-* :mod:`~palmtree.bench.peers`: the other implementations (open_clip, Inf-CL);
+* :mod:`~palmtree.bench.peers`: the other implementations (open_clip's ``ClipLoss`` and
+  ``SigLipLoss``, Inf-CL);
 * :mod:`~palmtree.bench.measure`: timing, peak memory, out-of-memory, the worker process;
 * :mod:`~palmtree.bench.check`: the correctness columns against float64;
 * :mod:`~palmtree.bench.sweep`: the sweep over cases and rounds;

@@ -1,9 +1,10 @@
 """What ``palmtree bench`` measures: one case, the default grid, the inputs, why a case
 cannot run here, and the loss callable of each implementation and precision.
 
-A case is one forward+backward of the bidirectional loss of one implementation (a
-palmtree backend or a peer) in one operand precision, on a global batch of ``batch``
-pairs of width ``dim``, in one process.
+A case is one forward+backward of one loss (``clip``: the bidirectional softmax loss;
+``siglip``: the pairwise sigmoid loss) by one implementation (a palmtree backend or a
+peer) in one operand precision, on a global batch of ``batch`` pairs of width ``dim``,
+in one process.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import clip_loss, testing
+from .. import clip_loss, siglip_loss, testing
 from ..backends import BACKENDS, fused_can_run, get_kernels
 from . import peers
 
@@ -37,6 +38,27 @@ QUICK = dict(batch_sizes=[64, 128], dims=[32], repeats=1, warmup=1)
 NOISE = 1.5
 LOG_SCALE = math.log(1 / 0.07)
 SCALE_CAP = 100.0
+#: The losses the bench measures.
+LOSSES = ("clip", "siglip")
+#: SigLIP's initial log-temperature and bias (Zhai et al. 2023), the sigmoid cases' inputs.
+SIGLIP_LOG_SCALE = math.log(10.0)
+SIGLIP_BIAS = -10.0
+
+
+def impl_label(impl: str, loss: str) -> str:
+    """The name of what a row measured: ``chunked`` (CLIP) or ``siglip:chunked``.
+
+    The CSV's ``impl`` column carries the loss this way, so that its columns stay those
+    of every CSV written before (no column to add, none to migrate) and every CLIP row is
+    what it always was.
+    """
+    return impl if loss == "clip" else f"{loss}:{impl}"
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """``(loss, impl)`` of a row's ``impl`` column (:func:`impl_label`'s inverse)."""
+    loss, sep, impl = label.partition(":")
+    return (loss, impl) if sep else ("clip", label)
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,8 @@ class Case:
     oracle: str | None = None  # file holding the float64 truth (process isolation)
     mem_limit_mb: int | None = None
     threads: int | None = None  # CPU threads (torch.set_num_threads)
+    loss: str = "clip"  # one of LOSSES
+    logit_bias: float = SIGLIP_BIAS  # siglip only
 
 
 def make_inputs(batch: int, dim: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,13 +92,13 @@ def make_inputs(batch: int, dim: int, seed: int, device) -> tuple[torch.Tensor, 
     return img.to(device), txt.to(device)
 
 
-def skip_reason(impl: str, precision: str, device: torch.device) -> str | None:
+def skip_reason(impl: str, precision: str, device: torch.device, loss: str = "clip") -> str | None:
     """Why a case cannot run here, decided before it is started; ``None`` if it can."""
     if impl in BACKENDS:
         if impl == "fused" and not fused_can_run(device):
             return f"fused needs CUDA and Triton (device is {device.type})"
         return None
-    why = peers.peer_status(impl, device)
+    why = peers.peer_status(impl, device, loss)
     if why is not None:
         return why
     if impl == "inf_cl" and precision != "tf32":
@@ -116,31 +140,38 @@ class _Tf32:
         torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+def scalar_leaves(case: Case, device: torch.device) -> list[torch.Tensor]:
+    """The loss's scalar inputs, as leaves that collect gradients: the log-temperature,
+    and for ``siglip`` the bias. Their gradients are named ``SCALAR_GRADS[case.loss]``."""
+    values = [case.log_scale] + ([case.logit_bias] if case.loss == "siglip" else [])
+    return [torch.tensor(x, device=device, requires_grad=True) for x in values]
+
+
+#: The names of the gradients of :func:`scalar_leaves`, per loss.
+SCALAR_GRADS = {"clip": ("d_scale",), "siglip": ("d_scale", "d_bias")}
+
+#: ``loss(img, txt, *scalar_leaves)``: the scalar loss to backpropagate.
+LossFn = Callable[..., torch.Tensor]
 
 
 def loss_fn(case: Case) -> LossFn:
-    """``loss(img, txt, log_scale)`` of ``case.impl``, its imports done now (not timed)."""
+    """``loss(img, txt, *scalars)`` of ``case.impl`` for ``case.loss``, its imports done now
+    (not timed); ``scalars`` are :func:`scalar_leaves`."""
     if case.impl in BACKENDS:
         if case.impl in ("chunked", "fused"):
             get_kernels(case.impl)  # import now, not inside the measured region
-
-        def run(img, txt, log_scale):
-            out = clip_loss(
-                img,
-                txt,
-                log_scale,
-                backend=case.impl,
-                precision=case.precision,
-                chunk_size=case.chunk_size,
-                logit_scale_max=SCALE_CAP,
-            )
-            return out.loss
-
-        return run
+        options = dict(
+            backend=case.impl,
+            precision=case.precision,
+            chunk_size=case.chunk_size,
+            logit_scale_max=SCALE_CAP,
+        )
+        if case.loss == "siglip":
+            return lambda img, txt, *scalars: siglip_loss(img, txt, *scalars, **options).loss
+        return lambda img, txt, log_scale: clip_loss(img, txt, log_scale, **options).loss
     if case.impl == "open_clip":
         peers.load_open_clip_loss_module()
-        return peers.open_clip_loss
+        return peers.open_clip_siglip_loss if case.loss == "siglip" else peers.open_clip_loss
     if case.impl == "inf_cl":
         peers.load_inf_cl()
         return peers.inf_cl_loss

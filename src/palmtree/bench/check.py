@@ -1,13 +1,14 @@
 """The bench's correctness columns: each case against ``palmtree.testing``'s float64 truth.
 
 ``loss_diff = |loss - L| / |L|`` and ``grad_diff``, the largest of ``max|g - g*| / max|g*|``
-over the image features, the text features and the log-temperature, where ``L, g*`` come
-from :func:`palmtree.testing.reference` on the same inputs, computed once per ``(B, D)``
-on the bench's device.
+over the image features, the text features, the log-temperature and (SigLIP) the bias,
+where ``L, g*`` come from :func:`palmtree.testing.reference` (CLIP, on the bench's
+device) or :func:`palmtree.testing.siglip_reference` (SigLIP, on the CPU) on the same
+inputs, computed once per ``(B, D)``.
 
 The reference also bounds the error that an fp32 computation of the loss and of the
-temperature's gradient may have (docs/design.md, "What exact means"); a row's ``note``
-says whether both lie within those bounds. The bound depends on the operand precision,
+gradients of the scalar inputs may have (docs/design.md, "What exact means"); a row's
+``note`` says whether they lie within those bounds. The bound depends on the operand precision,
 and each precision's bound takes another pass over the ``B x B`` logits, so it is
 computed for one precision per ``(B, D)``: ``ieee`` when the sweep has it, else the
 sweep's first. Cases in that precision get the verdict, the others only the relative
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import testing
-from .cases import SCALE_CAP, make_inputs
+from .cases import SCALAR_GRADS, SCALE_CAP, SIGLIP_BIAS, make_inputs
 
 #: How a row's note begins when its loss and temperature gradient are within the bounds,
 #: and when one of them is not.
@@ -30,19 +31,38 @@ WITHIN = "within the fp32 bounds"
 OUTSIDE = "OUTSIDE the fp32 bounds"
 
 
-def truth(img: torch.Tensor, txt: torch.Tensor, log_scale: float, precision: str) -> dict:
-    """The float64 loss and gradients of ``img, txt`` (CPU tensors) and the fp32 bounds.
+def truth(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    log_scale: float,
+    precision: str,
+    loss: str = "clip",
+    logit_bias: float = SIGLIP_BIAS,
+) -> dict:
+    """The float64 loss and gradients of ``img, txt`` and the fp32 bounds, for ``loss``.
 
-    Runs on the inputs' device; on CUDA in row blocks of 256 MB (the default blocks of
-    32 MB would mean thousands of small launches at the GPU sizes).
+    Keys: ``loss``, the gradients ``d_img``, ``d_txt`` and those of the scalar inputs
+    (``d_scale``, and ``d_bias`` for ``siglip``: :data:`~.cases.SCALAR_GRADS`), each
+    scalar's ``<name>_bound``, ``precision`` and ``loss_kind``; tensors on the CPU. The
+    CLIP truth runs on the inputs' device, on CUDA in row blocks of 256 MB (the default
+    blocks of 32 MB would mean thousands of small launches at the GPU sizes);
+    ``testing.siglip_reference`` runs on the CPU.
     """
-    big = max(len(img), 1)
-    block = max(1, (1 << 25) // big) if img.is_cuda else None
-    ref = testing.reference(
-        img, txt, log_scale, logit_scale_max=SCALE_CAP, precision=precision, block=block
-    )
-    out = {k: getattr(ref, k).cpu() for k in ("loss", "d_img", "d_txt", "d_scale")}
-    out.update(loss_bound=ref.loss_bound, d_scale_bound=ref.d_scale_bound, precision=precision)
+    if loss == "siglip":
+        img, txt = img.cpu(), txt.cpu()
+        ref = testing.siglip_reference(
+            img, txt, log_scale, logit_bias, logit_scale_max=SCALE_CAP, precision=precision
+        )
+    else:
+        big = max(len(img), 1)
+        block = max(1, (1 << 25) // big) if img.is_cuda else None
+        ref = testing.reference(
+            img, txt, log_scale, logit_scale_max=SCALE_CAP, precision=precision, block=block
+        )
+    names = ("loss", "d_img", "d_txt", *SCALAR_GRADS[loss])
+    out = {k: getattr(ref, k).cpu() for k in names}
+    out.update({f"{k}_bound": getattr(ref, f"{k}_bound") for k in ("loss", *SCALAR_GRADS[loss])})
+    out.update(precision=precision, loss_kind=loss)
     return out
 
 
@@ -51,12 +71,23 @@ class Oracles:
 
     Kept in memory (``files=None``) or in a file per ``(B, D)`` under ``files``, which
     worker processes load once their memory has been measured. ``precision`` is the one
-    whose bounds are computed; ``None`` turns the check off (``--no-check``).
+    whose bounds are computed; ``None`` turns the check off (``--no-check``). ``loss``
+    and ``logit_bias`` say which loss (:func:`truth`).
     """
 
-    def __init__(self, device, seed: int, log_scale: float, precision, files: Path | None):
+    def __init__(
+        self,
+        device,
+        seed: int,
+        log_scale: float,
+        precision,
+        files: Path | None,
+        loss: str = "clip",
+        logit_bias: float = SIGLIP_BIAS,
+    ):
         self.device, self.seed, self.log_scale = device, seed, log_scale
         self.precision, self.files = precision, files
+        self.loss, self.logit_bias = loss, logit_bias
         self.cache: dict[tuple[int, int], tuple[dict | None, str | None]] = {}
 
     def get(self, batch: int, dim: int) -> tuple[dict | None, str | None]:
@@ -65,7 +96,7 @@ class Oracles:
             return None, None
         if (batch, dim) not in self.cache:
             img, txt = make_inputs(batch, dim, self.seed, self.device)
-            exact = truth(img, txt, self.log_scale, self.precision)
+            exact = truth(img, txt, self.log_scale, self.precision, self.loss, self.logit_bias)
             del img, txt
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -83,34 +114,36 @@ def bound_precision(precisions: list[str]) -> str:
     return "ieee" if "ieee" in precisions else precisions[0]
 
 
-def compare(precision: str, loss, d_img, d_txt, d_scale, exact: dict) -> dict:
-    """``loss_diff``, ``grad_diff`` and the bounds' verdict (``note``) of one case."""
+def compare(precision: str, loss, grads: dict, exact: dict) -> dict:
+    """``loss_diff``, ``grad_diff`` and the bounds' verdict (``note``) of one case.
+
+    ``grads`` maps ``d_img``, ``d_txt`` and the scalar inputs' gradient names to the
+    case's gradients; ``exact`` is :func:`truth`'s dict.
+    """
     loss, loss_exact = torch.as_tensor(loss).detach(), float(exact["loss"])
+    names = ("d_img", "d_txt", *SCALAR_GRADS[exact["loss_kind"]])
     out = dict(
         loss_diff=abs(float(loss) - loss_exact) / abs(loss_exact),
-        grad_diff=max(
-            _rel_max(d_img, exact["d_img"]),
-            _rel_max(d_txt, exact["d_txt"]),
-            _rel_max(d_scale, exact["d_scale"]),
-        ),
+        grad_diff=max(_rel_max(grads[k], exact[k]) for k in names),
         note="",
     )
     if precision == exact["precision"]:
-        out["note"] = verdict(loss, d_scale, exact)
+        out["note"] = verdict(loss, grads, exact)
     return out
 
 
-def verdict(loss, d_scale, exact: dict) -> str:
-    """Whether the loss and the temperature's gradient lie within testing's bounds.
+def verdict(loss, grads: dict, exact: dict) -> str:
+    """Whether the loss and the scalar inputs' gradients lie within testing's bounds.
 
     The bounds are written relative to the float64 value (absolute where it is 0, as the
     temperature's gradient is when the scale is clamped), in the units of ``loss_diff``
     and ``grad_diff``.
     """
     parts, outside = [], []
-    for name, ours, key in (("loss", loss, "loss"), ("d_scale", d_scale, "d_scale")):
-        value = float(exact[key])
-        bound, err = exact[f"{key}_bound"], testing.max_error(ours, exact[key])
+    values = dict(grads, loss=loss)
+    for name in ("loss", *SCALAR_GRADS[exact["loss_kind"]]):
+        value = float(exact[name])
+        bound, err = exact[f"{name}_bound"], testing.max_error(values[name], exact[name])
         parts.append(f"{name} {_relative(bound, value):.1e}")
         if not err <= bound:  # NaN is outside
             off, limit = _relative(err, value), _relative(bound, value)

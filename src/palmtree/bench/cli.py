@@ -3,6 +3,10 @@
 ``main(argv)`` resolves the options into a :class:`~palmtree.bench.sweep.Sweep`, runs
 it, appends one CSV row per case and redraws the table and the plot. ``--case JSON``
 (hidden) is the worker that :func:`~palmtree.bench.measure.run_case_in_process` starts.
+
+Results go to ``runs/bench/`` unless ``--out`` says otherwise: the reference results
+committed under ``benchmarks/results/`` are rewritten only on purpose
+(``--out benchmarks/results``), never by a plain ``palmtree bench`` or ``make bench``.
 """
 
 from __future__ import annotations
@@ -21,18 +25,30 @@ import palmtree
 from ..backends import BACKENDS, fused_can_run
 from ..backends.base import PRECISIONS
 from . import peers
-from .cases import DEFAULTS, LOG_SCALE, QUICK
+from .cases import DEFAULTS, LOG_SCALE, LOSSES, QUICK, SIGLIP_BIAS, SIGLIP_LOG_SCALE, impl_label
 from .check import bound_precision
 from .measure import worker
 from .report import append_row, write_report
 from .sweep import Sweep, run_sweep
 
+#: Where results go unless ``--out`` says otherwise (ignored by git).
+DEFAULT_OUT = Path("runs/bench")
+#: The log-temperature of the inputs per loss: each loss's model's initial value.
+LOG_SCALES = {"clip": LOG_SCALE, "siglip": SIGLIP_LOG_SCALE}
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="palmtree bench",
-        description="Forward+backward time and peak memory of the CLIP loss per backend, "
-        "precision and peer; appends CSV rows and redraws a log-log plot.",
+        description="Forward+backward time and peak memory of the CLIP (or SigLIP) loss per "
+        "backend, precision and peer; appends CSV rows and redraws a log-log plot.",
+    )
+    p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="clip",
+        help="clip: the softmax loss (clip_loss; peers open_clip's ClipLoss, Inf-CL); "
+        "siglip: the sigmoid loss (siglip_loss; peer open_clip's SigLipLoss). Default clip",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--batch-sizes", type=int, nargs="+", metavar="B", help="global batch sizes")
@@ -65,12 +81,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--logit-scale",
         type=float,
-        default=LOG_SCALE,
-        help="log-temperature of the inputs (default ln(1/0.07), CLIP's initial value)",
+        help="log-temperature of the inputs (default: the initial value of the loss's "
+        "model, ln(1/0.07) for clip, ln(10) for siglip)",
+    )
+    p.add_argument(
+        "--logit-bias",
+        type=float,
+        default=SIGLIP_BIAS,
+        help="siglip: the bias added to every logit (default -10, SigLIP's initial value)",
     )
     p.add_argument("--chunk-size", type=int, help="columns per chunk for 'chunked' (default auto)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--name", help="file stem of the CSV/PNG/MD (default: from the device name)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"folder of the CSV/MD/PNG (default {DEFAULT_OUT}; the committed reference "
+        "results are under benchmarks/results)",
+    )
+    p.add_argument(
+        "--name",
+        help="file stem of the CSV/PNG/MD (default: from the device name, plus -siglip "
+        "for --loss siglip)",
+    )
     p.add_argument("--no-plot", action="store_true", help="write only the CSV and the table")
     p.add_argument(
         "--no-check", action="store_true", help="skip the float64 oracle (empty diff columns)"
@@ -109,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(kind)
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = args.name or _slug(f"{kind} {device_name(device).split('(')[0]}")
+    name = args.name or default_name(device, args.loss)
     csv_path = args.out / f"{name}.csv"
     if args.plot_only:
         write_report(csv_path, args.no_plot)
@@ -127,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         palmtree_version=palmtree.__version__,
     )
     where = f"{common['device']}, torch {torch.__version__}, isolate={sweep.isolate}"
+    where += f", loss {sweep.loss}"
     print(f"palmtree bench on {where}")
     versions = {impl: _impl_version(impl) for impl in sweep.impls}
     for (dim, batch, impl, precision), result in run_sweep(sweep).items():
-        row = dict(common, impl=impl, impl_version=versions[impl], precision=precision)
+        label = impl_label(impl, sweep.loss)
+        row = dict(common, impl=label, impl_version=versions[impl], precision=precision)
         append_row(csv_path, dict(row, batch=batch, dim=dim, **result))
     write_report(csv_path, args.no_plot)
     return 0
@@ -146,7 +180,7 @@ def _sweep(args: argparse.Namespace, device: torch.device) -> Sweep:
         backends = ["reference", "chunked"] + (["fused"] if fused_can_run(device) else [])
     impl_peers = args.peers
     if impl_peers is None:
-        impl_peers = [p for p in peers.PEERS if peers.peer_status(p, device) is None]
+        impl_peers = [p for p in peers.PEERS if peers.peer_status(p, device, args.loss) is None]
     precisions = args.precisions or defaults["precisions"]
     return Sweep(
         device=device,
@@ -158,14 +192,23 @@ def _sweep(args: argparse.Namespace, device: torch.device) -> Sweep:
         warmup=args.warmup if args.warmup is not None else defaults["warmup"],
         rounds=args.rounds,
         seed=args.seed,
-        log_scale=args.logit_scale,
+        log_scale=args.logit_scale if args.logit_scale is not None else LOG_SCALES[args.loss],
         isolate=args.isolate or ("process" if device.type == "cpu" else "none"),
         check_precision=None if args.no_check else bound_precision(precisions),
         chunk_size=args.chunk_size,
         mem_limit_mb=args.mem_limit_mb,
         threads=args.threads,
         case_timeout=args.case_timeout,
+        loss=args.loss,
+        logit_bias=args.logit_bias,
     )
+
+
+def default_name(device: torch.device, loss: str = "clip") -> str:
+    """The default file stem: the device's slug (``cpu-amd-epyc``), ``-siglip`` appended
+    for the sigmoid loss, so that each file's table and plot hold one loss."""
+    name = _slug(f"{device.type} {device_name(device).split('(')[0]}")
+    return name if loss == "clip" else f"{name}-{loss}"
 
 
 def _impl_version(impl: str) -> str:

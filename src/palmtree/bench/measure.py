@@ -32,7 +32,7 @@ import torch
 
 import palmtree
 
-from .cases import Case, case_context, loss_fn, make_inputs
+from .cases import SCALAR_GRADS, Case, case_context, loss_fn, make_inputs, scalar_leaves
 from .check import compare
 
 #: Marks the worker's result line on its stdout (anything else there is ignored).
@@ -128,21 +128,22 @@ def _measure(case: Case, device: torch.device, oracle: dict | None) -> dict:
     img, txt = make_inputs(case.batch, case.dim, case.seed, device)
     img.requires_grad_()
     txt.requires_grad_()
-    log_scale = torch.tensor(case.log_scale, device=device, requires_grad=True)
-    leaves = (img, txt, log_scale)
+    scalars = scalar_leaves(case, device)
+    leaves = (img, txt, *scalars)
     fn = loss_fn(case)
 
     # One tiny call first, so lazy one-time state (thread pools, kernel caches, Triton
     # compilation) is not counted as the loss's memory.
     tiny = [t.detach()[:8].clone().requires_grad_() for t in (img, txt)]
-    fn(*tiny, log_scale).backward()
-    log_scale.grad = None
+    fn(*tiny, *scalars).backward()
+    for t in scalars:
+        t.grad = None
     del tiny
 
     def step() -> torch.Tensor:
         for t in leaves:
             t.grad = None
-        loss = fn(img, txt, log_scale)
+        loss = fn(img, txt, *scalars)
         loss.backward()
         return loss.detach()
 
@@ -159,8 +160,9 @@ def _measure(case: Case, device: torch.device, oracle: dict | None) -> dict:
     if oracle is None and case.oracle:
         oracle = torch.load(case.oracle)
     if oracle is not None:
-        grads = (img.grad, txt.grad, log_scale.grad)
-        result.update(compare(case.precision, loss, *grads, oracle))
+        grads = dict(d_img=img.grad, d_txt=txt.grad)
+        grads.update(zip(SCALAR_GRADS[case.loss], (t.grad for t in scalars), strict=True))
+        result.update(compare(case.precision, loss, grads, oracle))
     if not math.isfinite(result["loss"]):
         result.update(status="error", note="non-finite loss")
     return result
@@ -203,10 +205,16 @@ def worker(case_json: str) -> int:
 
 def run_case_in_process(case: Case, timeout: float | None) -> dict:
     """Runs ``case`` in a fresh Python process (so peak RSS is the case's own)."""
+    cmd = [sys.executable, "-m", "palmtree.bench", "--case", json.dumps(asdict(case))]
+    return run_worker(cmd, timeout)
+
+
+def run_worker(cmd: list[str], timeout: float | None) -> dict:
+    """Runs a worker command that prints its result as ``RESULT_MARK + json`` on stdout;
+    a timeout, a SIGKILL (most likely the memory cap) or a crash become a status row."""
     src = str(Path(palmtree.__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "palmtree.bench", "--case", json.dumps(asdict(case))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -1,12 +1,15 @@
-"""Other implementations of the CLIP loss, loaded for comparison (benchmarks and tests).
+"""Other implementations of the CLIP and SigLIP losses, loaded for comparison (benchmarks
+and tests).
 
-``open_clip`` (package ``open-clip-torch``): its ``ClipLoss`` lives in ``open_clip/loss.py``,
+``open_clip`` (package ``open-clip-torch``): its ``ClipLoss`` and ``SigLipLoss`` live in
+``open_clip/loss.py``,
 which needs only torch. The package's ``__init__`` imports the whole model zoo
 (torchvision, timm, ...), which may not import at all beside a CPU-only torch, so
 :func:`load_open_clip_loss_module` executes that one file, unchanged, as a standalone
 module without running ``open_clip/__init__.py``.
 
-``inf_cl`` (package ``inf-cl``): ``inf_cl.cal_inf_loss``, Triton kernels, CUDA only.
+``inf_cl`` (package ``inf-cl``): ``inf_cl.cal_inf_loss``, Triton kernels, CUDA only; it
+has no sigmoid loss.
 
 Nothing here is imported by ``import palmtree``. Each loader raises
 :class:`PeerUnavailable` with the reason when the peer cannot run here;
@@ -108,6 +111,34 @@ def open_clip_loss(
     return loss_fn(image_features, text_features, logit_scale.exp())
 
 
+def open_clip_siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    *,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """open_clip's ``SigLipLoss`` on one process (``world_size=1``), as its training calls it.
+
+    ``logit_scale`` is the *log* temperature (as :func:`palmtree.siglip_loss` takes it);
+    open_clip's loss receives ``exp(logit_scale)``, the bias as it is, and unit features.
+    Its value is ``palmtree.siglip_loss``'s ``L``: the sum over the ``B x B`` pairs of
+    ``-log sigmoid(z * logit)``, divided by ``B``.
+
+    Raises:
+        PeerUnavailable: the installed ``loss.py`` has no ``SigLipLoss``.
+    """
+    module = load_open_clip_loss_module()
+    if not hasattr(module, "SigLipLoss"):
+        raise PeerUnavailable("open_clip's loss.py defines no SigLipLoss")
+    if normalize:
+        image_features = F.normalize(image_features, dim=-1)
+        text_features = F.normalize(text_features, dim=-1)
+    loss_fn = module.SigLipLoss(rank=0, world_size=1)
+    return loss_fn(image_features, text_features, logit_scale.exp(), logit_bias)
+
+
 @functools.cache
 def load_inf_cl() -> ModuleType:
     """The ``inf_cl`` package (Inf-CL's Triton kernels).
@@ -176,14 +207,19 @@ def inf_cl_loss(
     return (i2t + t2i) / 2
 
 
-def peer_status(name: str, device: torch.device | str) -> str | None:
-    """``None`` when peer ``name`` can run on ``device``, else why it cannot."""
+def peer_status(name: str, device: torch.device | str, loss: str = "clip") -> str | None:
+    """``None`` when peer ``name`` can compute ``loss`` (``clip`` or ``siglip``) on
+    ``device``, else why it cannot."""
     device = torch.device(device)
     if name not in PEERS:
         return f"unknown peer {name!r} (known: {', '.join(PEERS)})"
+    if name == "inf_cl" and loss == "siglip":
+        return "Inf-CL has no sigmoid loss"
     try:
         if name == "open_clip":
-            load_open_clip_loss_module()
+            module = load_open_clip_loss_module()
+            if loss == "siglip" and not hasattr(module, "SigLipLoss"):
+                return "open_clip's loss.py defines no SigLipLoss"
             return None
         if device.type != "cuda":
             return "inf_cl runs on CUDA only (Triton kernels)"

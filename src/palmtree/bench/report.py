@@ -13,6 +13,7 @@ import csv
 from pathlib import Path
 
 from ..backends import BACKENDS
+from .cases import impl_label, split_label
 from .check import OUTSIDE
 
 FIELDS = (
@@ -188,24 +189,34 @@ def _short(text: str) -> str:
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
+#: What each single-pass backend is compared with, when it ran: the reference backend
+#: (the memory target is relative to it) and open_clip, the peer most runs use.
+BASELINES = ("reference", "open_clip")
+
+
 def target_summary(rows: list[dict]) -> list[str]:
-    """chunked (and fused) against reference (same precision, D) at each B both ran:
-    memory and time ratios."""
+    """chunked (and fused) against each of :data:`BASELINES` (same loss, precision, B
+    and D) wherever both ran: memory and time ratios."""
     ok = {(r["impl"], r["precision"], r["batch"], r["dim"]): r for r in rows if r["status"] == "ok"}
     lines = []
-    for (impl, prec, b, d), r in sorted(ok.items(), key=lambda kv: (kv[0][1], int(kv[0][2]))):
-        ref = ok.get(("reference", prec, b, d))
-        if impl == "reference" or impl not in BACKENDS or ref is None:
+    for (label, prec, b, d), r in sorted(ok.items(), key=lambda kv: (kv[0][1], int(kv[0][2]))):
+        loss, impl = split_label(label)
+        if impl not in BACKENDS or impl == "reference":
             continue
-        mem = _num(r["peak_mb"]) / max(_num(ref["peak_mb"]), 1e-9)
-        tim = _num(r["median_ms"]) / _num(ref["median_ms"])
-        # A peak below the RSS granularity reads 0: no "1/x" then.
-        inverse = f" (1/{1 / mem:.1f})" if mem > 0 else ""
-        lines.append(
-            f"{impl} / reference ({prec}, B={b}, D={d}): memory {mem:.3f}x{inverse}, "
-            f"time {tim:.2f}x"
-        )
+        for base in BASELINES:
+            other = ok.get((impl_label(base, loss), prec, b, d))
+            if other is not None:
+                lines.append(f"{label} / {impl_label(base, loss)} ({prec}, B={b}, D={d}): ")
+                lines[-1] += _ratios(r, other)
     return lines
+
+
+def _ratios(r: dict, base: dict) -> str:
+    mem = _num(r["peak_mb"]) / max(_num(base["peak_mb"]), 1e-9)
+    tim = _num(r["median_ms"]) / _num(base["median_ms"])
+    # A peak below the RSS granularity reads 0: no "1/x" then.
+    inverse = f" (1/{1 / mem:.1f})" if mem > 0 else ""
+    return f"memory {mem:.3f}x{inverse}, time {tim:.2f}x"
 
 
 def write_report(csv_path: Path, no_plot: bool) -> None:

@@ -1,4 +1,5 @@
-"""The sweep: every (D, B, implementation, precision) case, ``rounds`` times, interleaved.
+"""The sweep: every (D, B, implementation, precision) case of one loss, ``rounds`` times,
+interleaved.
 
 Cases that cannot run here become ``skip`` results with the reason; once an
 implementation runs out of memory at some ``B``, its larger ``B`` (same precision and
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import Case, skip_reason
+from .cases import SIGLIP_BIAS, Case, impl_label, skip_reason
 from .check import OUTSIDE, Oracles
 from .measure import one_line, run_case, run_case_in_process
 
@@ -44,6 +45,8 @@ class Sweep:
     mem_limit_mb: int | None = None
     threads: int | None = None
     case_timeout: float | None = None
+    loss: str = "clip"  # one of cases.LOSSES
+    logit_bias: float = SIGLIP_BIAS  # siglip only
 
     def plan(self) -> list[Key]:
         """Every case, in the order run: by ``D``, then ``B``, then implementation."""
@@ -71,6 +74,8 @@ class Sweep:
             oracle=oracle_file,
             mem_limit_mb=self.mem_limit_mb,
             threads=self.threads,
+            loss=self.loss,
+            logit_bias=self.logit_bias,
         )
 
 
@@ -81,7 +86,15 @@ def run_sweep(sweep: Sweep) -> dict[Key, dict]:
     oomed: dict[tuple[str, str, int], int] = {}  # (impl, precision, dim) -> first OOM batch
     with tempfile.TemporaryDirectory(prefix="palmtree-bench-") as tmp:
         files = Path(tmp) if sweep.isolate == "process" else None
-        oracles = Oracles(sweep.device, sweep.seed, sweep.log_scale, sweep.check_precision, files)
+        oracles = Oracles(
+            sweep.device,
+            sweep.seed,
+            sweep.log_scale,
+            sweep.check_precision,
+            files,
+            sweep.loss,
+            sweep.logit_bias,
+        )
         for round_ in range(sweep.rounds):
             for key in plan:
                 dim, batch, impl, precision = key
@@ -97,7 +110,7 @@ def run_sweep(sweep: Sweep) -> dict[Key, dict]:
 
 
 def _run_one(case: Case, sweep: Sweep, oracle: dict | None, oomed: dict) -> dict:
-    why = skip_reason(case.impl, case.precision, sweep.device)
+    why = skip_reason(case.impl, case.precision, sweep.device, case.loss)
     if why is not None:
         return dict(status="skip", note=why)
     smaller = oomed.get((case.impl, case.precision, case.dim))
@@ -147,7 +160,8 @@ def combine_rounds(results: list[dict]) -> dict:
 
 def print_case(prefix: str, case: Case, row: dict) -> None:
     """One line per case as it finishes."""
-    what = f"{prefix}{case.impl:>10} {case.precision:<5} B={case.batch:<7} D={case.dim:<5}"
+    impl = impl_label(case.impl, case.loss)
+    what = f"{prefix}{impl:>16} {case.precision:<5} B={case.batch:<7} D={case.dim:<5}"
     if row["status"] != "ok":
         print(f"{what} {row['status']}: {row.get('note', '')}", flush=True)
         return
