@@ -383,3 +383,19 @@ def test_the_library_never_imports_the_bench():
         assert not bad, (path, bad)
     # The scan does see an import of the bench where there is one.
     assert "palmtree.bench.peers" in _imported_modules(SRC / "bench" / "cases.py")
+
+
+def test_a_missing_plot_library_is_said_before_any_work(monkeypatch, capsys, tmp_path):
+    """Without the [bench] extra the run stops at once and names it (it used to crash at
+    the end, after the whole sweep, on importing matplotlib)."""
+    import importlib.util
+
+    from palmtree.bench import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name)
+    )
+    assert main(["--quick", "--out", str(tmp_path)]) == 2
+    assert "pip install '.[bench]'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written

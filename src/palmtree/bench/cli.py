@@ -12,6 +12,7 @@ committed under ``benchmarks/results/`` are rewritten only on purpose
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import re
 import sys
@@ -143,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     name = args.name or default_name(device, args.loss)
     csv_path = args.out / f"{name}.csv"
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+        print(
+            "palmtree bench: error: the plot needs matplotlib, the project's [bench] extra: "
+            "pip install '.[bench]' (in the project's folder), or pass --no-plot",
+            file=sys.stderr,
+        )
+        return 2
     if args.plot_only:
         write_report(csv_path, args.no_plot)
         return 0
