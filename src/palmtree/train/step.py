@@ -81,9 +81,7 @@ class Stepper:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         out = self._backward([self._on_device(b) for b in micro_batches])
-        # Read before the step moves the parameters: SigLIP's output holds its bias
-        # parameter itself, not a copy.
-        metrics = out.metrics()
+        metrics = out.metrics()  # the step's own values, before the parameters move
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
