@@ -277,8 +277,8 @@ def record_launches(
     """The launches of one ``clip_loss`` and one ``siglip_loss`` (``backend="fused"``)
     forward and backward per ``bwd_mode``, labelled ``"<phase> #<n>"``: the n-th launch of
     the phase (``forward``, ``backward <bwd_mode>``, ``siglip forward``, ...); a launch
-    repeated alike (a forward, once per mode) is kept once. The kernels do not run: their outputs stay uninitialised, and the host code
-    between launches does not branch on them.
+    repeated alike (a forward, once per mode) is kept once. The kernels do not run: their
+    outputs stay uninitialised, and the host code between launches does not branch on them.
     """
     import torch
 
