@@ -184,3 +184,23 @@ def test_fused_at_training_size_on_cuda(precision, bias):
     testing.check_scalar("d_bias", grads["d_bias"], exact.d_bias, exact.d_bias_bound)
     for name in ("d_img", "d_txt"):
         testing.check_tensor(name, grads[name], runs["chunked"][1][name], getattr(exact, name))
+
+
+@pytest.mark.skipif(not FUSED_HERE, reason="needs Triton (its interpreter on a CPU)")
+def test_auto_falls_back_to_chunked_when_triton_fails(monkeypatch):
+    """Simulated, as for the CLIP loss: auto picks fused and its sigmoid kernels fail."""
+    from palmtree.backends import FusedOrChunked
+    from palmtree.backends.fused import FusedKernels
+
+    def broken(self, *args):
+        raise RuntimeError("ptxas fatal: simulated failure")
+
+    monkeypatch.setattr(palmtree.backends, "_fused_by_default", lambda device: True)
+    monkeypatch.setattr(FusedKernels, "sigmoid_forward", broken)
+    monkeypatch.setattr(FusedOrChunked, "failure", None)
+    img, txt = make_pairs(12, 8, seed=14)
+    with pytest.warns(RuntimeWarning, match="simulated failure"):
+        out, grads = run(img, txt, math.log(10.0), -10.0, backend="auto")
+    want, want_grads = run(img, txt, math.log(10.0), -10.0, backend="chunked")
+    assert float(out.loss) == float(want.loss)
+    assert torch.equal(grads["d_img"], want_grads["d_img"])

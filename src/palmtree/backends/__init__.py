@@ -85,7 +85,8 @@ def get_kernels(name: str, *, fallback: bool = False):
 
 
 class FusedOrChunked:
-    """Fused kernels that fall back to chunked ones, process-wide, once Triton fails.
+    """Fused kernels that fall back to chunked ones, process-wide, once Triton fails
+    (both losses' methods: :class:`.base.Kernels` and :class:`.base.SigmoidKernels`).
 
     The two backends issue the same collectives (the protocol does them, not the
     kernels), so a rank that falls back stays in step with the others.
@@ -104,6 +105,12 @@ class FusedOrChunked:
 
     def backward(self, *args):
         return self._call("backward", *args)
+
+    def sigmoid_forward(self, *args):
+        return self._call("sigmoid_forward", *args)
+
+    def sigmoid_backward(self, *args):
+        return self._call("sigmoid_backward", *args)
 
     def _call(self, method: str, *args):
         if FusedOrChunked.failure is None:
