@@ -16,8 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from .backends import backend_problem, resolve_backend
-from .distributed import ClipLossInputError, Layout, check_membership, exchange_layout
-from .options import LossOptions, agreed_fields, finite_problem, input_problem, scale_problem
+from .distributed import (
+    ClipLossInputError,
+    Layout,
+    check_membership,
+    exchange_layout,
+    world,
+)
+from .options import LossOptions, agreed_fields, host_checks, input_problem, scale_problem
 from .pooling import masked_mean_pool_fp32
 from .precision import resolve_precision
 from .scale import capped_scale
@@ -73,11 +79,12 @@ def prepare(
                 text = masked_mean_pool_fp32(text, text_mask)
             except ValueError as exc:
                 local_error = str(exc)
-        if local_error is None and opts.check_finite:
-            local_error = finite_problem(image, text, logit_scale, logit_bias)
         values = (math.nan, math.nan)
-        if local_error is None:
-            values = float(logit_scale.detach()), float(logit_bias.detach())
+        if local_error is None and (opts.check_finite or world(opts.group)[1] > 1):
+            # One host sync for both: the finite checks, and the values the ranks compare.
+            local_error, values = host_checks(
+                image, text, logit_scale, logit_bias, opts.check_finite
+            )
         agreed = agreed_fields(opts, loss, name, mode, image, text, *values)
         layout = exchange_layout(b_local, agreed, device, local_error, opts.group)
         if layout.b_global == 0:

@@ -128,18 +128,20 @@ def scale_problem(logit_scale, device: torch.device) -> str | None:
     return None
 
 
-def finite_problem(image, text, logit_scale, logit_bias) -> str | None:
-    checks = torch.stack(
-        [
-            torch.isfinite(image).all(),
-            torch.isfinite(text).all(),
-            torch.isfinite(logit_scale).all(),
-            torch.isfinite(logit_bias).all(),
-        ]
-    ).tolist()
+def host_checks(image, text, logit_scale, logit_bias, check_finite: bool):
+    """``(problem, (scale, bias))``: non-finite values in the inputs (when
+    ``check_finite``) and the scale's and bias's values, read with one host sync."""
+    values = [logit_scale.detach().double(), logit_bias.detach().double()]
+    if check_finite:
+        values += [torch.isfinite(image).all().double(), torch.isfinite(text).all().double()]
+    scale, bias, *features_ok = torch.stack(values).tolist()
+    if not check_finite:
+        return None, (scale, bias)
+    oks = (*features_ok, math.isfinite(scale), math.isfinite(bias))
     names = ("image_features", "text_features", "logit_scale", "logit_bias")
-    bad = [n for n, ok in zip(names, checks, strict=True) if not ok]
-    return f"non-finite values (nan or inf) in {', '.join(bad)}" if bad else None
+    bad = [name for name, ok in zip(names, oks, strict=True) if not ok]
+    problem = f"non-finite values (nan or inf) in {', '.join(bad)}" if bad else None
+    return problem, (scale, bias)
 
 
 def agreed_fields(

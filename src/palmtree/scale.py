@@ -24,8 +24,13 @@ def capped_scale(logit_scale: torch.Tensor, cap: float, mode: str = "clamp") -> 
     x = torch.as_tensor(logit_scale).float()
     if mode == "straight_through":
         return _StraightThroughCap.apply(x, cap)
-    # exp() of an argument held just above log(cap): the value still reaches the cap and
-    # the clamp's zero gradient never meets an infinite exp' (0 * inf is NaN).
+    return _capped(x, cap)
+
+
+def _capped(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``min(exp(x), cap)`` with ``exp``'s argument held just above ``log(cap)``: the value
+    still reaches the cap, and the clamp's zero gradient never meets an infinite ``exp'``
+    (0 * inf is NaN)."""
     return x.clamp(max=min(math.log(cap) + 1.0, 88.0)).exp().clamp(max=cap)
 
 
@@ -35,7 +40,7 @@ class _StraightThroughCap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cap):
         ctx.save_for_backward(x)
-        return x.clamp(max=min(math.log(cap) + 1.0, 88.0)).exp().clamp(max=cap)
+        return _capped(x, cap)
 
     @staticmethod
     def backward(ctx, grad):
