@@ -130,25 +130,14 @@ def run(kernels, u, v, scale, offset, precision, shifts):
 
 
 def worst_naive(u, v, scale, offset, precision, shifts, want, orders=4):
-    """``chunked`` outputs, each the worst of ``orders`` summation orders of the features.
+    """``chunked`` outputs, each the worst of ``orders`` summation orders of the features
+    (:func:`palmtree.testing.worst_of_orders`), on the CPU."""
 
-    Permuting the feature dimension of both sides leaves the math unchanged and gives
-    another, equally valid fp32 summation order. One order's error is a single sample;
-    the worst of a few is what the same-dtype computation can be relied on to achieve.
-    """
-    g = torch.Generator().manual_seed(123)
-    worst = {}
-    for k in range(orders):
-        perm = torch.arange(u.shape[1]) if k == 0 else torch.randperm(u.shape[1], generator=g)
-        perm = perm.to(u.device)
-        out = run(ChunkedKernels(), u[:, perm], v[:, perm], scale, offset, precision, shifts)
-        inv = torch.argsort(perm)
-        out["du"], out["dv"] = out["du"][:, inv], out["dv"][:, inv]
-        for name, ref in want.items():
-            err = float((out[name].double().cpu() - ref).abs().max()) if ref.numel() else 0.0
-            if name not in worst or err > worst[name][0]:
-                worst[name] = (err, out[name].cpu())
-    return {name: t for name, (_, t) in worst.items()}
+    def chunked(a, b):
+        return run(ChunkedKernels(), a, b, scale, offset, precision, shifts)
+
+    worst = testing.worst_of_orders(chunked, u, v, want, orders, feature_keys=("du", "dv"))
+    return {name: t.cpu() for name, t in worst.items()}
 
 
 def rel_err(ours, ref) -> float:
@@ -321,11 +310,8 @@ def test_every_pass_at_the_cap_across_ranks(kind, plan, sizes):
 
 def _exact_clip_gradients(u, v, scale):
     """float64 ``dL/dU``, ``dL/dV`` of the CLIP loss on unit rows (no normalisation)."""
-    u, v = u.double().cpu(), v.double().cpu()
-    s = scale * u @ v.T
-    big = len(u)
-    g = (torch.softmax(s, 1) + torch.softmax(s, 0) - 2 * torch.eye(big, dtype=s.dtype)) / (2 * big)
-    return scale * g @ v, scale * g.T @ u
+    ref = testing.reference(u.cpu(), v.cpu(), math.log(scale), normalize=False)
+    return ref.d_img, ref.d_txt
 
 
 def test_a_recomputed_positive_would_fail_the_rule():

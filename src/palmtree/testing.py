@@ -582,22 +582,32 @@ def plain_fp32_siglip(
     }
 
 
-def worst_of_orders(plain, img, txt, exact, orders: int = 4, seed: int = 123) -> dict:
+def worst_of_orders(
+    plain,
+    img,
+    txt,
+    exact,
+    orders: int = 4,
+    seed: int = 123,
+    feature_keys: tuple[str, ...] = ("d_img", "d_txt"),
+) -> dict:
     """``plain(img, txt)`` over ``orders`` feature orders, each output the worst one.
 
     Permuting the feature dimension of both sides leaves the math unchanged and gives
     another, equally valid fp32 summation order. One order's error is a single sample;
     the worst of a few is what the plain computation can be relied on to achieve, which
     makes "within 2x plain" a rule that holds on every machine, not only a lucky one.
-    ``exact`` maps output names to their float64 truth (e.g. ``vars(reference(...))``).
+    ``exact`` maps output names to their float64 truth (e.g. ``vars(reference(...))``);
+    the outputs named in ``feature_keys`` are per-feature and permuted back.
     """
     g = torch.Generator().manual_seed(seed)
     worst: dict = {}
     for k in range(orders):
         perm = torch.arange(img.shape[1]) if k == 0 else torch.randperm(img.shape[1], generator=g)
+        perm = perm.to(img.device)
         out = plain(img[:, perm], txt[:, perm])
         inv = torch.argsort(perm)
-        for name in ("d_img", "d_txt"):
+        for name in feature_keys:
             if name in out:
                 out[name] = out[name][:, inv]
         for name, value in out.items():
