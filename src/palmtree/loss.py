@@ -164,14 +164,23 @@ def _output(loss, sums, scale, layout: Layout) -> ClipLossOutput:
 
 
 class Projections(nn.Module):
-    """The bias-free linear maps that bring both towers into one embedding width.
+    """What both loss modules hold besides their parameters: the checked options, and the
+    bias-free linear maps that bring both towers into one embedding width.
 
     When ``image_dim``, ``text_dim`` and ``embed_dim`` are given, each side whose width
-    differs from ``embed_dim`` gets a layer; the loss modules subclass this.
+    differs from ``embed_dim`` gets a layer.
     """
 
-    def __init__(self, image_dim: int | None, text_dim: int | None, embed_dim: int | None):
+    def __init__(
+        self,
+        image_dim: int | None,
+        text_dim: int | None,
+        embed_dim: int | None,
+        options: LossOptions,
+    ):
         super().__init__()
+        #: The loss's options (:class:`palmtree.options.LossOptions`), checked here.
+        self.options = options.validated()
         if (image_dim is not None or text_dim is not None) and embed_dim is None:
             if image_dim is None or text_dim is None or image_dim != text_dim:
                 raise ValueError(
@@ -250,16 +259,15 @@ class ClipLoss(Projections):
         chunk_size: int | None = None,
         group=None,
     ):
-        super().__init__(image_dim, text_dim, embed_dim)
-        #: The loss's options (:class:`palmtree.options.LossOptions`), checked here.
-        self.options = LossOptions(
+        options = LossOptions(
             group=group,
             backend=backend,
             precision=precision,
             chunk_size=chunk_size,
             logit_scale_max=logit_scale_max,
             scale_cap=scale_cap,
-        ).validated()
+        )
+        super().__init__(image_dim, text_dim, embed_dim, options)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
 
     def forward(

@@ -181,16 +181,15 @@ class SigLipLoss(Projections):
         chunk_size: int | None = None,
         group=None,
     ):
-        super().__init__(image_dim, text_dim, embed_dim)
-        #: The loss's options (:class:`palmtree.options.LossOptions`), checked here.
-        self.options = LossOptions(
+        options = LossOptions(
             group=group,
             backend=backend,
             precision=precision,
             chunk_size=chunk_size,
             logit_scale_max=logit_scale_max,
             scale_cap=scale_cap,
-        ).validated()
+        )
+        super().__init__(image_dim, text_dim, embed_dim, options)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
 
