@@ -185,7 +185,7 @@ def _slices(feature_grads, cached, k: int, layout: _Layout) -> tuple:
     """Micro-batch ``k``'s rows of the cached gradients (its own token length)."""
     start = sum(c[0].shape[0] for c in cached[:k])
     stop = start + cached[k][0].shape[0]
-    img, txt = (torch.zeros(0) if g is None else g[start:stop] for g in feature_grads)
+    img, txt = (g[start:stop] for g in feature_grads)
     if layout.tokens:
         txt = txt[:, : cached[k][1].shape[1]]
     return img, txt
@@ -197,14 +197,17 @@ def _loss_backward(loss, features, loss_fn, group, world_size: int) -> tuple:
     module = _module_of(loss_fn)
     if isinstance(module, nn.parallel.DistributedDataParallel):
         loss.backward()
-        return tuple(f.grad for f in features)
-    if module is not None:  # the same parameters, in the same order, on every rank
-        own = [p for p in module.parameters() if p.requires_grad]
+        grads = [f.grad for f in features]
     else:
-        own = _leaf_parameters([loss], exclude=features)
-    grads = torch.autograd.grad(loss, list(features) + own, allow_unused=True)
-    _average_into(own, grads[len(features) :], group, world_size)
-    return grads[: len(features)]
+        if module is not None:  # the same parameters, in the same order, on every rank
+            own = [p for p in module.parameters() if p.requires_grad]
+        else:
+            own = _leaf_parameters([loss], exclude=features)
+        grads = torch.autograd.grad(loss, list(features) + own, allow_unused=True)
+        _average_into(own, grads[len(features) :], group, world_size)
+    # A side the loss did not use sends its micro-batches a zero gradient.
+    pairs = zip(features, grads[: len(features)], strict=True)
+    return tuple(torch.zeros_like(f) if g is None else g for f, g in pairs)
 
 
 def _leaf_parameters(outputs, exclude=()) -> list[torch.Tensor]:
