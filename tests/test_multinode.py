@@ -82,16 +82,20 @@ def test_verify_across_two_agents():
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) launch is tested")
 def test_train_across_two_agents(tmp_path):
-    args = ["train", "--logs-dir", str(tmp_path), "--name", "nodes", "--epochs", "1"]
+    # Without --name, rank 0 chooses a new folder and every rank learns its name.
+    args = ["train", "--logs-dir", str(tmp_path), "--epochs", "1"]
     results = two_nodes([*args, "--batch-size", "50", "--max-steps", "3", *TINY])
     for status, _, err in results:
         assert status == 0, err[-3000:]
-    results_json = json.loads((tmp_path / "nodes" / "results.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["clip"]
+    said = "".join(out for _, out, _ in results).count(f"a new run in {tmp_path / 'clip'}")
+    assert said == 1  # rank 0 alone says it
+    results_json = json.loads((tmp_path / "clip" / "results.json").read_text())
     assert results_json["world_size"] == 4 and results_json["launcher"] == "torchrun"
     assert results_json["steps"] == 3 and not results_json["completed"]
-    rows = (tmp_path / "nodes" / "metrics.jsonl").read_text().splitlines()
+    rows = (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["b_global"] for r in rows] == [200, 200, 200]  # 4 ranks x 50
-    state = torch.load(tmp_path / "nodes" / "checkpoints" / "latest.pt", weights_only=True)
+    state = torch.load(tmp_path / "clip" / "checkpoints" / "latest.pt", weights_only=True)
     assert state["world_size"] == 4 and len(state["rng"]) == 4
 
 

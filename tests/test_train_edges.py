@@ -2,9 +2,10 @@
 
 Each case was a Python traceback or lost data once. Now bad flags and bad input stop
 with exit status 2 and a message that names the problem, before anything is written;
-what a killed run leaves behind is cleaned up or tolerated on the next run. Most cases
-stop before any rank starts; the two that train do so in this process (``--nproc 1``)
-with a tiny model for two steps.
+what a killed run leaves behind is cleaned up or tolerated on the next run, and a
+finished run is never replaced unless asked. Most cases stop before any rank starts;
+those that train do so in this process (``--nproc 1``) with a tiny model for a step or
+two.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def test_trim_metrics_keeps_checkpointed_rows_and_refuses_a_foreign_file(tmp_pat
 def test_resume_of_a_file_that_is_not_a_complete_checkpoint(tmp_path, capsys):
     partial = tmp_path / "partial.pt"
     torch.save({"format": FORMAT, "epoch": 1, "global_step": "ten"}, partial)
-    code, err = run(capsys, "--logs", str(tmp_path), "--resume", str(partial))
+    code, err = run(capsys, "--logs", str(tmp_path), "--name", "x", "--resume", str(partial))
     assert code == 2 and "Traceback" not in err, err
     assert f"{partial} is not a complete palmtree train checkpoint" in err
     assert "lacks step_in_epoch, world_size, model, optimizer" in err
@@ -186,11 +187,63 @@ def test_resume_of_a_file_that_is_not_a_complete_checkpoint(tmp_path, capsys):
 
     other = tmp_path / "weights.pt"
     torch.save({"model": {}}, other)
-    code, err = run(capsys, "--logs", str(tmp_path), "--resume", str(other))
+    code, err = run(capsys, "--logs", str(tmp_path), "--name", "x", "--resume", str(other))
     assert code == 2 and "is not a palmtree train checkpoint" in err, err
 
 
 # --------------------------------------------------------------------------- run folder
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def test_a_fresh_run_never_replaces_a_run_unless_asked(tmp_path, capsys):
+    # A second run with the same --name cleared the first one's files and exited 0.
+    named = [*TINY, "--logs", str(tmp_path), "--name", "mine"]
+    assert main([*named, "--max-steps", "1"]) == 0
+    run_dir = tmp_path / "mine"
+    first = _files(run_dir)
+    assert {"metrics.jsonl", "results.json", "checkpoints/latest.pt"} <= set(first)
+    capsys.readouterr()
+
+    code, err = run(capsys, *named, "--max-steps", "1")
+    assert code == 2, err
+    assert err == (
+        f"palmtree train: error: {run_dir} already holds a run (metrics.jsonl, results.json, "
+        "curves.png, checkpoints/latest.pt); --overwrite replaces it, --resume continues it, "
+        "another --name (or none: a new folder) keeps it\n"
+    )
+    assert _files(run_dir) == first  # not a byte changed
+
+    assert main([*named, "--max-steps", "2", "--overwrite"]) == 0  # replaced: 2 steps
+    assert "--overwrite removed metrics.jsonl, results.json" in capsys.readouterr().out
+    assert steps(run_dir) == [1, 2]
+    code, err = run(capsys, *named, "--overwrite", "--resume")  # which one?
+    assert code == 2 and "--overwrite replaces the run of --name with a fresh one" in err
+
+
+def test_without_a_name_every_run_gets_a_new_folder(tmp_path, capsys):
+    # The README's commands in order, `make demo`, `palmtree train --loss siglip`, then
+    # `make demo` again, all went to runs/demo, each one erasing the one before.
+    common = [*TINY, "--logs", str(tmp_path), "--max-steps", "1"]
+    for extra in ([], ["--loss", "siglip"], []):
+        assert main([*common, *extra]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip", "clip-2", "siglip"]
+    for name, loss in (("clip", "clip"), ("siglip", "siglip"), ("clip-2", "clip")):
+        assert json.loads((tmp_path / name / "results.json").read_text())["loss"] == loss
+        assert f"a new run in {tmp_path / name} (--name {name} --resume continues it)" in out
+
+    code, err = run(capsys, *common, "--resume")  # which run? a --name must say
+    assert code == 2 and "--resume continues the run in <logs>/<name>: give its --name" in err
+    code, err = run(capsys, *common, "--overwrite")
+    assert code == 2 and "--overwrite replaces the run of --name" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip", "clip-2", "siglip"]
 
 
 def test_a_second_run_with_the_same_name_is_refused(tmp_path, capsys):

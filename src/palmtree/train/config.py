@@ -59,12 +59,17 @@ class TrainConfig:
     backend: str = "auto"
     nproc: int = 2
     logs: str = "runs"
-    name: str = "demo"
+    name: str | None = None  # None: a new folder, chosen by .prepare.open_run_dir
+    overwrite: bool = False  # a fresh run may replace the run already in --name
     resume: str | None = None  # "latest" or a checkpoint's path
     progress: bool = True
 
     @property
     def run_dir(self) -> Path:
+        """``<logs>/<name>``; only once the name is known (the launcher chooses one
+        when ``--name`` is not given, before any rank starts)."""
+        if self.name is None:
+            raise RuntimeError("the run folder is not chosen yet (see prepare.open_run_dir)")
         return Path(self.logs) / self.name
 
     @property

@@ -14,6 +14,7 @@ import datetime
 import os
 import sys
 import traceback
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,8 @@ def _run_spawned(cfg: TrainConfig, t0: float) -> int:
     resume = load_resume(cfg)
     prepared = load_data(cfg, resume)  # bad data stops before the run folder is touched
     report_data(prepared)
-    with open_run_dir(cfg, resume):
+    cfg, lock = open_run_dir(cfg, resume)  # cfg now names the run's folder
+    with lock:
         threads = max(1, cpu_cores() // cfg.nproc)
         if cfg.nproc == 1:
             previous = torch.get_num_threads()
@@ -137,7 +139,7 @@ def _run_torchrun(cfg: TrainConfig, t0: float) -> int:
     init_process_group(me.backend, timeout=TIMEOUT)
     lock = None
     try:
-        prepared, lock, error = _ready_every_rank(cfg, me)
+        cfg, prepared, lock, error = _ready_every_rank(cfg, me)
         if error is not None:
             if me.rank == 0:
                 print(f"palmtree train: error: {error}", file=sys.stderr)
@@ -162,23 +164,25 @@ def _run_torchrun(cfg: TrainConfig, t0: float) -> int:
 
 
 def _ready_every_rank(cfg: TrainConfig, me: LaunchedRank):
-    """``(prepared, lock, error)``: every rank reads the checkpoint and the data itself,
-    rank 0 also takes the run folder (``lock``). ``error`` is the first problem of any
-    rank, the same on every rank, so that all of them stop together."""
+    """``(cfg, prepared, lock, error)``: every rank reads the checkpoint and the data
+    itself, rank 0 also takes the run folder (``lock``) and chooses its name, which
+    every rank's ``cfg`` then holds. ``error`` is the first problem of any rank, the
+    same on every rank, so that all of them stop together."""
     error, prepared, lock = None, None, None
     try:
         resume = load_resume(cfg)
         prepared = load_data(cfg, resume)
         if me.rank == 0:
             report_data(prepared)
-            lock = open_run_dir(cfg, resume)
+            cfg, lock = open_run_dir(cfg, resume)
     except TrainError as exc:
         error = str(exc)
-    errors: list[str | None] = [None] * me.world_size
-    dist.all_gather_object(errors, error)
-    for r, message in enumerate(errors):
+    answers: list[tuple[str | None, str | None]] = [(None, None)] * me.world_size
+    dist.all_gather_object(answers, (error, cfg.name))
+    for r, (message, _) in enumerate(answers):
         if message is not None:
             if lock is not None:
                 lock.release()
-            return None, None, message if me.world_size == 1 else f"rank {r}: {message}"
-    return prepared, lock, None
+            message = message if me.world_size == 1 else f"rank {r}: {message}"
+            return cfg, None, None, message
+    return replace(cfg, name=answers[0][1]), prepared, lock, None

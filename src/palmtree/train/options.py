@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import codecs
 import math
-import os
 
-import torch
+from palmtree.backends import BACKENDS
 
-from palmtree.backends import BACKENDS, fused_can_run
-from palmtree.distributed import launched_world
-
+from .checks import flag_problem
 from .config import AUTOCAST_MODES, LOSSES, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -31,7 +28,9 @@ By default it spawns --nproc CPU processes (gloo); under torchrun it uses the la
 world instead (NCCL on GPUs):  torchrun --nproc_per_node N -m palmtree train ...
 
 Outputs go to <logs>/<name>/: metrics.jsonl, results.json, curves.png, and
-checkpoints/latest.pt (also kept as epoch_<N>.pt at the end of epoch N).
+checkpoints/latest.pt (also kept as epoch_<N>.pt at the end of epoch N). Without --name
+each run gets a new folder (runs/clip, runs/clip-2, ...); a --name that holds a run is
+refused unless --overwrite replaces it or --resume continues it.
 """
 
 
@@ -236,13 +235,24 @@ def _run_flags(run) -> None:
         help="parent folder of the run (default %(default)s); under torchrun spell it "
         "--logs-dir, as torchrun's own --logs-specs makes --logs ambiguous",
     )
-    run.add_argument("--name", default=DEFAULTS.name, help="run folder name (default %(default)s)")
+    run.add_argument(
+        "--name",
+        default=DEFAULTS.name,
+        help="run folder name (default: a new folder named after --loss: clip, clip-2, ...); "
+        "one that holds a run is refused without --overwrite or --resume",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="a fresh run replaces the run already in --name (its metrics, results, "
+        "curves and checkpoints)",
+    )
     run.add_argument(
         "--resume",
         nargs="?",
         const="latest",
         metavar="CKPT",
-        help="continue from CKPT (default: the run's checkpoints/latest.pt)",
+        help="continue the run of --name from CKPT (default: its checkpoints/latest.pt)",
     )
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -251,43 +261,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
     """Parses and cross-checks the flags; errors exit with status 2 (argparse's way)."""
     parser = build_parser()
     config = TrainConfig(**vars(parser.parse_args(argv)))
-    problem = _problem(config)
+    problem = flag_problem(config)
     if problem:
         parser.error(problem)
     return config
-
-
-def _problem(c: TrainConfig) -> str | None:
-    """What is wrong with a combination of flags, or ``None``."""
-    if not 0 < c.test_fraction < 1:
-        return f"--test-fraction must be in (0, 1), got {c.test_fraction}"
-    if c.train_data is None and c.val_data is not None:
-        return "--val-data needs --train-data (the digits hold out their own test split)"
-    for flag, path in (("--train-data", c.train_data), ("--val-data", c.val_data)):
-        if path is not None and not os.path.isfile(path):
-            return f"{flag}: no such file: {path}"
-    if c.text_width % c.text_heads:
-        return f"--text-width {c.text_width} must be divisible by --text-heads {c.text_heads}"
-    if not c.name or os.sep in c.name or c.name in (".", ".."):
-        return f"--name must be a plain folder name, got {c.name!r}"
-    for flag, path in (("--logs", c.logs), ("--name", os.path.join(c.logs, c.name))):
-        if os.path.exists(path) and not os.path.isdir(path):
-            return f"{flag}: {path} is a file; the run folder must be a directory"
-    if c.precision == "amp" and c.accum_steps > 1:
-        # The GradScaler scales the loss before its backward; palmtree.accumulate runs
-        # that backward itself, so fp16 gradients would go unscaled.
-        return "--precision amp cannot be combined with --accum-steps > 1; use amp_bf16"
-    on_gpu = _ranks_use_cuda()
-    if c.precision == "amp" and not on_gpu:
-        return "--precision amp (fp16) needs CUDA ranks (torchrun on GPUs); use amp_bf16 or fp32"
-    if c.backend == "fused" and not fused_can_run(torch.device("cuda" if on_gpu else "cpu")):
-        return (
-            "--backend fused needs CUDA ranks (torchrun on GPUs) and Triton; the spawned "
-            "ranks run on CPU: use --backend auto or chunked"
-        )
-    return None
-
-
-def _ranks_use_cuda() -> bool:
-    """Spawned ranks run on CPU; torchrun ranks use CUDA when there is one."""
-    return launched_world() and torch.cuda.is_available()

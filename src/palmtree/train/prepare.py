@@ -5,7 +5,7 @@ that names it, before the run folder is touched."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import checkpoint
@@ -14,7 +14,7 @@ from .csv_data import prepare_csv
 from .data import Prepared, TrainError
 from .digits import prepare_digits
 from .models import ModelConfig
-from .rundir import RunLock, prepare_run_dir
+from .rundir import RunLock, new_run_dir, prepare_run_dir
 from .tokenizer import WordTokenizer
 
 
@@ -34,9 +34,9 @@ def load_resume(cfg: TrainConfig) -> Resume | None:
     Everything the ranks will need from it is checked here, so that a bad file stops
     the run before it starts, with a :class:`TrainError` that says what is wrong.
     """
-    path = checkpoint.resolve_resume(cfg.resume, cfg.run_dir)
-    if path is None:
+    if cfg.resume is None:
         return None
+    path = checkpoint.resolve_resume(cfg.resume, cfg.run_dir)  # --resume comes with --name
     state = checkpoint.load(path)
     try:
         tokenizer = WordTokenizer.from_state_dict(state["tokenizer"])
@@ -93,12 +93,23 @@ def report_data(prepared: Prepared) -> None:
             )
 
 
-def open_run_dir(cfg: TrainConfig, resume: Resume | None) -> RunLock:
-    """Locks ``<logs>/<name>`` and readies it; the caller releases the returned lock."""
+def open_run_dir(cfg: TrainConfig, resume: Resume | None) -> tuple[TrainConfig, RunLock]:
+    """Locks ``<logs>/<name>`` and readies it; returns the settings with the run's name
+    (a new folder named after ``--loss`` when ``--name`` is not given) and the lock,
+    which the caller releases. Says on stdout where the run goes."""
+    if cfg.name is None:
+        cfg = replace(cfg, name=new_run_dir(Path(cfg.logs), cfg.loss).name)
     lock = RunLock(cfg.run_dir).acquire()
+    step = resume.global_step if resume else None
     try:
-        prepare_run_dir(cfg.run_dir, resume.global_step if resume else None)
+        removed = prepare_run_dir(cfg.run_dir, step, cfg.overwrite)
     except BaseException:
         lock.release()
         raise
-    return lock
+    if resume is not None:
+        where = f"resuming {cfg.run_dir} at step {resume.global_step} from {resume.path}"
+    else:
+        where = f"a new run in {cfg.run_dir} (--name {cfg.name} --resume continues it)"
+        where += f"; --overwrite removed {', '.join(removed)}" if removed else ""
+    print(f"palmtree train: {where}", flush=True)
+    return cfg, lock

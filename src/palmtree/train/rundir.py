@@ -1,9 +1,12 @@
-"""The run folder ``<logs>/<name>/``: one run at a time, and a clean start or resume.
+"""The run folder ``<logs>/<name>/``: one run at a time, and no run lost.
 
 The launching process (the parent of spawned ranks, or rank 0 under torchrun) takes
 :class:`RunLock` before touching anything in the folder and holds it until the run
 ends, so a second run with the same ``--name`` is refused instead of interleaving its
-metrics and checkpoints with the first one's.
+metrics and checkpoints with the first one's. A fresh run never replaces a finished
+one unless asked to (``--overwrite``): without ``--name`` it claims a folder that does
+not exist yet (:func:`new_run_dir`), and with a ``--name`` that holds a run it is
+refused (:func:`prepare_run_dir`).
 """
 
 from __future__ import annotations
@@ -72,17 +75,66 @@ class RunLock:
         self.release()
 
 
-def prepare_run_dir(run_dir: Path, resume_step: int | None) -> None:
-    """Readies the locked run folder for a fresh run or for a resume.
+def new_run_dir(logs: Path, base: str) -> Path:
+    """Creates and returns the first of ``<logs>/<base>``, ``<base>-2``, ``<base>-3``, ...
+    that does not exist yet.
 
-    A fresh run (``resume_step`` is ``None``) removes the files a previous run with
-    this name wrote. A resume keeps ``metrics.jsonl`` up to ``resume_step`` (what the
-    checkpoint covers). Both remove the temporary files of a killed checkpoint write.
+    ``mkdir`` either creates a folder or fails because it exists, so two runs started
+    at the same moment never claim the same one.
+    """
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        number = 1
+        while True:
+            run_dir = logs / (base if number == 1 else f"{base}-{number}")
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                number += 1
+    except OSError as exc:
+        raise TrainError(f"cannot create a run folder in {logs}: {exc}") from exc
+
+
+def held_run(run_dir: Path) -> list[str]:
+    """What of a previous run ``run_dir`` holds: its non-empty :data:`OWN_FILES` and
+    checkpoints, as paths relative to it (empty: nothing a fresh run could destroy)."""
+    found = [name for name in OWN_FILES if _non_empty(run_dir / name)]
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir():
+        found += sorted(f"checkpoints/{f.name}" for f in ckpts.glob("*.pt"))
+    return found
+
+
+def _non_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def prepare_run_dir(run_dir: Path, resume_step: int | None, overwrite: bool = False) -> list[str]:
+    """Readies the locked run folder for a fresh run or for a resume; returns what of a
+    previous run it removed (:func:`held_run`).
+
+    A fresh run (``resume_step`` is ``None``) into a folder that holds a run is refused
+    with a :class:`TrainError` that lists what is there, unless ``overwrite``: then the
+    files that run wrote are removed first. A resume keeps ``metrics.jsonl`` up to
+    ``resume_step`` (what the checkpoint covers). All remove the temporary files of a
+    killed checkpoint write.
     """
     ckpts = run_dir / "checkpoints"
+    found: list[str] = []
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
+            found = held_run(run_dir)
+            if found and not overwrite:
+                raise TrainError(
+                    f"{run_dir} already holds a run ({', '.join(found)}); --overwrite "
+                    "replaces it, --resume continues it, another --name (or none: a new "
+                    "folder) keeps it"
+                )
             for name in OWN_FILES:
                 (run_dir / name).unlink(missing_ok=True)
             if ckpts.is_dir():
@@ -93,6 +145,7 @@ def prepare_run_dir(run_dir: Path, resume_step: int | None) -> None:
         checkpoint.remove_debris(ckpts)
     except OSError as exc:
         raise TrainError(f"cannot prepare the run folder {run_dir}: {exc}") from exc
+    return found
 
 
 def trim_metrics(path: Path, keep_until_step: int) -> None:
