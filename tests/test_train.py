@@ -15,8 +15,6 @@ import pytest
 import torch
 
 from palmtree.train import main
-from palmtree.train.data import GlobalBatchSampler
-from palmtree.train.digits import EVAL_TEMPLATES, TRAIN_TEMPLATES, class_captions, stratified_split
 from palmtree.train.launch import report_rank_failure
 from palmtree.train.tokenizer import WordTokenizer
 
@@ -30,6 +28,11 @@ def _rows(run: Path) -> list[dict]:
 
 def _untimed(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "samples_per_s"}
+
+
+def _pair_mean(rows: list[dict]) -> float:
+    """The mean loss over the pairs of these steps (each step's loss is a mean)."""
+    return sum(r["loss"] * r["b_global"] for r in rows) / sum(r["b_global"] for r in rows)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,11 @@ def test_two_ranks_end_to_end(full_run):
     # No padding: every epoch sees each of the 1438 training pairs exactly once.
     assert sum(r["b_global"] for r in train[:8]) == 1438
     assert train[7]["b_global"] == 38  # rank 0: 38 pairs, rank 1: none
+    # The reported training loss is epoch 2's mean over its pairs, not the loss of its
+    # short last batch (38 pairs), which the log-sum-exp over fewer negatives lowers.
+    assert "final_loss" not in results
+    assert results["train_loss_last_epoch"] == pytest.approx(_pair_mean(train[8:16]), rel=1e-14)
+    assert train[15]["loss"] < 0.9 * results["train_loss_last_epoch"]
     for r in train:
         for key in ("loss", "acc_i2t", "acc_t2i", "logit_scale", "samples_per_s"):
             assert math.isfinite(r[key])
@@ -77,6 +85,9 @@ def test_resume_matches_uninterrupted_run(full_run):
     assert main([*common, "--max-steps", "11"]) == 0  # "killed" in the middle of epoch 2
     stopped = json.loads((logs / "resumed" / "results.json").read_text())
     assert not stopped["completed"] and stopped["steps"] == 11
+    # Stopped in epoch 2: the training loss it reports is that of epoch 1, complete.
+    epoch_1 = [r for r in _rows(full_run) if r["kind"] == "train"][:8]
+    assert stopped["train_loss_last_epoch"] == pytest.approx(_pair_mean(epoch_1), rel=1e-14)
     # latest.pt holds step 11; epoch_1.pt stays the end of epoch 1 (steps 1 to 8).
     ckpts = logs / "resumed" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("*.pt")) == ["epoch_1.pt", "latest.pt"]
@@ -192,7 +203,9 @@ def test_csv_data_skips_bad_rows(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "skipped 3 of 15 train rows" in err
     assert "1 missing file" in err and "1 unreadable image" in err and "1 empty caption" in err
-    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    # Without --name the run gets a new folder, named after the loss.
+    assert f"palmtree train: a new run in {tmp_path / 'clip'} (--name clip" in out
+    results = json.loads((tmp_path / "clip" / "results.json").read_text())
     assert results["data"]["train"]["bad_rows"] == 3 and results["data"]["train_size"] == 12
     assert results["zero_shot_top1"] is None and 0 <= results["image_to_text_r1"] <= 1
     assert results["world_size"] == 1
@@ -261,51 +274,3 @@ def test_error_in_a_rank_is_reported(capsys):
 
     report_rank_failure(mp.ProcessExitedException("killed", 1, 97, -9, "SIGKILL"))
     assert "rank 1 died (signal SIGKILL)" in capsys.readouterr().err
-
-
-def test_sampler_splits_global_batches_without_padding():
-    n, bs, world = 23, 4, 3  # global batch 12: the second one holds 11 -> sizes 4, 4, 3
-    per_rank = []
-    for rank in range(world):
-        sampler = GlobalBatchSampler(n, bs, rank, world, seed=5)
-        sampler.set_epoch(2)
-        per_rank.append(list(sampler))
-    assert [len(b) for b in per_rank] == [2, 2, 2]
-    assert [len(b[1]) for b in per_rank] == [4, 4, 3]
-    flat = sorted(i for batches in per_rank for batch in batches for i in batch)
-    assert flat == list(range(n))
-    # Another epoch, another order; the same epoch, the same order; start_step skips.
-    sampler = GlobalBatchSampler(2, bs, 2, world, seed=5)
-    assert list(sampler) == [[]]  # a rank can get nothing at all
-    sampler = GlobalBatchSampler(n, bs, 0, world, seed=5)
-    sampler.set_epoch(2, start_step=1)
-    assert list(sampler) == per_rank[0][1:]
-
-
-def test_sampler_cuts_each_ranks_share_into_micro_batches():
-    # Global batches of 12 (2 ranks x 2 micro-batches x 3): 15 pairs make a full step
-    # and one of 3 pairs, which rank 0 holds as [3 pairs, nothing] and rank 1 not at all.
-    for rank in range(2):
-        whole = GlobalBatchSampler(15, 6, rank, 2, seed=5)
-        cut = GlobalBatchSampler(15, 3, rank, 2, seed=5, accum_steps=2)
-        whole.set_epoch(1)
-        cut.set_epoch(1)
-        steps, micro = list(whole), list(cut)
-        assert len(micro) == len(cut) == 2 * len(steps) == 4
-        assert [a + b for a, b in zip(micro[::2], micro[1::2], strict=True)] == steps
-    assert [len(b) for b in micro] == [3, 3, 0, 0]  # rank 1
-    cut = GlobalBatchSampler(15, 3, 0, 2, seed=5, accum_steps=2)
-    cut.set_epoch(1, start_step=1)
-    assert [len(b) for b in cut] == [3, 0]
-
-
-def test_digit_captions_and_split():
-    train, held_out = class_captions(TRAIN_TEMPLATES), class_captions(EVAL_TEMPLATES)
-    assert "a handwritten seven" in train[7] and "an image of an eight" in train[8]
-    assert not set(map(tuple, train)) & set(map(tuple, held_out))
-    tok = WordTokenizer.build([c for caps in train for c in caps])
-    lengths = {len(tok.encode(c)) for caps in train for c in caps}
-    assert min(lengths) == 1 and max(lengths) >= 8  # real padding in every batch
-    labels = np.repeat(np.arange(10), 20)
-    tr, te = stratified_split(labels, 0.25)
-    assert np.bincount(labels[te]).tolist() == [5] * 10 and not set(tr) & set(te)

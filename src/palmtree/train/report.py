@@ -23,8 +23,8 @@ HIT_RULES = {
 class MetricsLog:
     """``metrics.jsonl``, one JSON object per line, appended by rank 0 only.
 
-    The launcher has already emptied it for a fresh run, or cut it back to the
-    checkpoint's step for a resume (:func:`~.rundir.prepare_run_dir`).
+    A fresh run starts without one (a new folder, or one that ``--overwrite`` emptied);
+    a resume finds it cut back to the checkpoint's step (:func:`~.rundir.prepare_run_dir`).
     """
 
     def __init__(self, path: Path, enabled: bool) -> None:
@@ -56,7 +56,6 @@ class Report:
         self.started = time.time()
         self.tick = time.perf_counter()
         self.pairs = 0  # trained on by this run (not before a resume)
-        self.last: dict = {}
 
     def open_progress(self, initial_step: int) -> None:
         if not (self.enabled and self.cfg.progress):
@@ -93,7 +92,7 @@ class Report:
             "b_global": metrics["b_global"],
             "samples_per_s": round(metrics["b_global"] / max(now - self.tick, 1e-9), 1),
         }
-        self.tick, self.last = now, row
+        self.tick = now
         self.log.write(row)
         if self.bar is not None:
             bias = f" bias {row['logit_bias']:.1f}" if "logit_bias" in row else ""
@@ -157,7 +156,11 @@ class Report:
             "wall_seconds": None,
             "train_seconds": round(self.train_seconds, 2),
             "pairs_seen_this_run": self.pairs,
-            "final_loss": self.last.get("loss"),
+            "train_loss_last_epoch": last_epoch_loss(
+                cfg.run_dir / "metrics.jsonl",
+                state.global_step - state.step_in_epoch,
+                self.steps_per_epoch,
+            ),
             "final_logit_scale": float(loss_fn.logit_scale.detach().exp()),
             "final_logit_bias": None if bias is None else float(bias.detach()),
             "resumed_from": str(state.resumed_from) if state.resumed_from else None,
@@ -172,6 +175,24 @@ class Report:
             "data": self.prepared.report,
             "retrieval_hit_rule": HIT_RULES[self.prepared.kind],
         }
+
+
+def last_epoch_loss(metrics: Path, end_step: int, steps_per_epoch: int) -> float | None:
+    """The training loss of the epoch that ends at optimiser step ``end_step``: the mean
+    of its steps' global losses weighted by their pairs, i.e. the mean over the epoch's
+    pairs, which the short last batch does not skew. Read from ``metrics.jsonl``, so a
+    resumed run reports what an uninterrupted one does; ``None`` before the first
+    complete epoch, or when the log lacks some of its steps."""
+    first = end_step - steps_per_epoch + 1
+    if first < 1 or not metrics.exists():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steps = {r["step"]: r for r in rows if r.get("kind") == "train" and r["step"] >= first}
+    epoch = [steps[s] for s in range(first, end_step + 1) if s in steps]
+    if len(epoch) < steps_per_epoch:
+        return None
+    pairs = sum(r["b_global"] for r in epoch)
+    return sum(r["loss"] * r["b_global"] for r in epoch) / pairs if pairs else None
 
 
 def summary(results: dict, kind: str, run_dir: Path, plot: Path) -> str:
@@ -189,6 +210,8 @@ def summary(results: dict, kind: str, run_dir: Path, plot: Path) -> str:
         f"{results['world_size']} rank(s) ({results['device']}), {results['loss']} loss, "
         f"{results['epochs']} epochs, {steps}"
     ]
+    if results["train_loss_last_epoch"] is not None:
+        lines.append(f"  training loss, last epoch:  {results['train_loss_last_epoch']:.4f}")
     if kind == "digits":
         lines += [
             f"  held-out zero-shot top-1:   {results['zero_shot_top1']:.3f}",
