@@ -14,13 +14,20 @@ GPU_WHEELS := $(PEERS) inf-cl==1.2.1
 
 .PHONY: setup test test-cpus lint format demo bench verify audit gpu-wheels gpu-check-dry clean
 
+# pip runs quietly (-q), and a fresh setup takes minutes: each step says first what it
+# does, so `make demo` or `make test` on a new clone is never silent for long.
 $(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps $(PEERS)
-	touch $(STAMP)
+	@test -x $(BIN)/python || { echo "setup: creating $(VENV) with $(PY)" && $(PY) -m venv $(VENV); }
+	@echo "setup: upgrading pip in $(VENV)"
+	@$(BIN)/pip install -q --upgrade pip
+	@echo "setup: installing $(TORCH_PIN) (the largest download)"
+	@$(BIN)/pip install -q $(TORCH_PIN)
+	@echo "setup: installing this package, editable, with its extras and test tools ('.[dev]')"
+	@$(BIN)/pip install -q -e '.[dev]'
+	@echo "setup: installing the peers the tests compare against: $(PEERS) (--no-deps)"
+	@$(BIN)/pip install -q --no-deps $(PEERS)
+	@touch $(STAMP)
+	@echo "setup: done; $(VENV) is ready"
 
 setup: $(STAMP)
 
@@ -50,6 +57,7 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests examples benchmarks
 	$(BIN)/ruff check --fix src tests examples benchmarks
 
+# Each run gets a new folder: runs/clip, then runs/clip-2, ... (palmtree train, no --name).
 demo: $(STAMP)
 	$(BIN)/palmtree train
 
