@@ -26,7 +26,7 @@ from .distributed import (
 from .options import LossOptions, agreed_fields, host_checks, input_problem, scale_problem
 from .pooling import masked_mean_pool_fp32
 from .precision import resolve_precision
-from .scale import capped_scale
+from .scale import capped_scale, loss_range_problem
 
 
 @dataclass
@@ -55,43 +55,75 @@ def prepare(
     local_error: str | None = None,
 ) -> Call:
     """Checks one rank's call of ``loss`` (``"clip"`` or ``"siglip"``) on every rank."""
-    check_membership(opts.group)
+    group = opts.exchange_group
+    check_membership(group)
     device = _device_of(image, text)
-    local_error = (
-        local_error
-        or opts.problem()
+    # Everything numeric is fp32 whatever autocast says (pooling included).
+    with torch.autocast(device.type, enabled=False):
+        try:
+            local = _check_locally(
+                loss, opts, group, device, image, text, text_mask, logit_scale, logit_bias
+            )
+        except Exception as exc:  # whatever it is, every rank must hear of it
+            local = _Checked(f"checking this rank's input failed: {type(exc).__name__}: {exc}")
+        error = local_error or local.error
+        b_local = image.shape[0] if error is None else 0
+        agreed = agreed_fields(
+            opts, loss, local.backend, local.precision, image, text, *local.values
+        )
+        layout = exchange_layout(b_local, agreed, device, error, group)
+        if layout.b_global == 0:
+            raise ClipLossInputError("the global batch is empty: every rank passed 0 pairs")
+        # The same values and B on every rank: the same verdict, with no more exchange.
+        overflow = loss_range_problem(loss, *local.values, opts.logit_scale_max, layout.b_global)
+        if overflow is not None:
+            raise ClipLossInputError(overflow)
+        scale = capped_scale(local.logit_scale, opts.logit_scale_max, opts.scale_cap)
+        bias = local.logit_bias.float() if loss == "siglip" else None
+    return Call(layout, image, local.text, scale, bias, local.backend, local.precision, device)
+
+
+@dataclass
+class _Checked:
+    """What one rank's own checks found: a problem, or its ready inputs and the values
+    (scale, bias) the ranks compare."""
+
+    error: str | None
+    backend: str | None = None
+    precision: str | None = None
+    text: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
+    logit_bias: torch.Tensor | None = None
+    values: tuple[float, float] = (math.nan, math.nan)
+
+
+def _check_locally(
+    loss, opts, group, device, image, text, text_mask, logit_scale, logit_bias
+) -> _Checked:
+    """This rank's checks, in order, then its pooled text and its 0-dim scale and bias."""
+    error = (
+        opts.problem()
         or input_problem(image, text, text_mask, logit_scale)
         or (_bias_problem(logit_bias, device) if loss == "siglip" else None)
         or backend_problem(opts.backend, device)
     )
-    name = mode = None
-    if local_error is None:
-        name = resolve_backend(opts.backend, device)
-        mode = resolve_precision(opts.precision)
-        logit_scale = _as_tensor(logit_scale, device)
-        logit_bias = _as_tensor(0.0 if logit_bias is None else logit_bias, device)
-    b_local = image.shape[0] if local_error is None else 0
-
-    # Everything numeric is fp32 whatever autocast says (pooling included).
-    with torch.autocast(device.type, enabled=False):
-        if local_error is None and text.dim() == 3:
-            try:
-                text = masked_mean_pool_fp32(text, text_mask)
-            except ValueError as exc:
-                local_error = str(exc)
-        values = (math.nan, math.nan)
-        if local_error is None and (opts.check_finite or world(opts.group)[1] > 1):
-            # One host sync for both: the finite checks, and the values the ranks compare.
-            local_error, values = host_checks(
-                image, text, logit_scale, logit_bias, opts.check_finite
-            )
-        agreed = agreed_fields(opts, loss, name, mode, image, text, *values)
-        layout = exchange_layout(b_local, agreed, device, local_error, opts.group)
-        if layout.b_global == 0:
-            raise ClipLossInputError("the global batch is empty: every rank passed 0 pairs")
-        scale = capped_scale(logit_scale, opts.logit_scale_max, opts.scale_cap)
-        bias = logit_bias.float() if loss == "siglip" else None
-    return Call(layout, image, text, scale, bias, name, mode, device)
+    if error is not None:
+        return _Checked(error)
+    # Any one-element tensor (HF's and FSDP2's [1]); its gradient keeps its own shape.
+    logit_scale = _as_tensor(logit_scale, device).reshape(())
+    logit_bias = _as_tensor(0.0 if logit_bias is None else logit_bias, device).reshape(())
+    if text.dim() == 3:
+        try:
+            text = masked_mean_pool_fp32(text, text_mask)
+        except ValueError as exc:
+            return _Checked(str(exc))
+    values = (math.nan, math.nan)
+    if opts.check_finite or world(group)[1] > 1:
+        # One host sync for both: the finite checks, and the values the ranks compare.
+        error, values = host_checks(image, text, logit_scale, logit_bias, opts)
+    backend = resolve_backend(opts.backend, device)
+    precision = resolve_precision(opts.precision)
+    return _Checked(error, backend, precision, text, logit_scale, logit_bias, values)
 
 
 def _bias_problem(logit_bias, device) -> str | None:

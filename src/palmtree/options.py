@@ -16,8 +16,8 @@ import torch
 
 from .backends import BACKENDS
 from .backends.base import PRECISIONS
-from .distributed import Agreed
-from .scale import SCALE_CAPS
+from .distributed import LOCAL, Agreed
+from .scale import SCALE_CAPS, log_scale_problem
 
 LOSSES = ("clip", "siglip")
 
@@ -36,6 +36,13 @@ class LossOptions:
     scale_cap: str = "clamp"
     normalize: bool = True
     check_finite: bool = True
+    distributed: bool = True
+
+    @property
+    def exchange_group(self):
+        """The group the loss exchanges with: ``group``, or :data:`~palmtree.distributed.LOCAL`
+        (this process alone, no collective) when ``distributed`` is ``False``."""
+        return self.group if self.distributed else LOCAL
 
     def problem(self) -> str | None:
         """What is wrong with the option values themselves (``None`` if nothing)."""
@@ -51,7 +58,7 @@ class LossOptions:
         size = self.chunk_size
         if size is not None and (not _is_int(size) or size < 1):
             return f"chunk_size must be None or an integer >= 1, got {size!r}"
-        for name in ("normalize", "check_finite"):
+        for name in ("normalize", "check_finite", "distributed"):
             if not isinstance(getattr(self, name), bool):
                 return f"{name} must be True or False, got {getattr(self, name)!r}"
         return None
@@ -128,19 +135,22 @@ def scale_problem(logit_scale, device: torch.device) -> str | None:
     return None
 
 
-def host_checks(image, text, logit_scale, logit_bias, check_finite: bool):
+def host_checks(image, text, logit_scale, logit_bias, opts: LossOptions):
     """``(problem, (scale, bias))``: non-finite values in the inputs (when
-    ``check_finite``) and the scale's and bias's values, read with one host sync."""
+    ``opts.check_finite``), a log-scale the loss cannot use
+    (:func:`~palmtree.scale.log_scale_problem`), and the scale's and bias's values (0-dim
+    tensors here), read with one host sync."""
     values = [logit_scale.detach().double(), logit_bias.detach().double()]
-    if check_finite:
+    if opts.check_finite:
         values += [torch.isfinite(image).all().double(), torch.isfinite(text).all().double()]
     scale, bias, *features_ok = torch.stack(values).tolist()
-    if not check_finite:
-        return None, (scale, bias)
-    oks = (*features_ok, math.isfinite(scale), math.isfinite(bias))
-    names = ("image_features", "text_features", "logit_scale", "logit_bias")
-    bad = [name for name, ok in zip(names, oks, strict=True) if not ok]
-    problem = f"non-finite values (nan or inf) in {', '.join(bad)}" if bad else None
+    problem = log_scale_problem(scale, opts.logit_scale_max, opts.scale_cap)
+    if opts.check_finite:
+        oks = (*features_ok, math.isfinite(scale), math.isfinite(bias))
+        names = ("image_features", "text_features", "logit_scale", "logit_bias")
+        bad = [name for name, ok in zip(names, oks, strict=True) if not ok]
+        if bad:
+            problem = f"non-finite values (nan or inf) in {', '.join(bad)}"
     return problem, (scale, bias)
 
 

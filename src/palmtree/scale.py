@@ -8,6 +8,11 @@ import torch
 
 SCALE_CAPS = ("clamp", "straight_through")
 
+#: The largest log-temperature whose ``exp`` the loss computes in fp32 (``exp(88.72)`` is
+#: 3.39e38; fp32 overflows just above). Beyond it the scale is the cap (``"clamp"`` with a
+#: cap below ``exp(LOG_SCALE_LIMIT)``) or the call is refused (:func:`log_scale_problem`).
+LOG_SCALE_LIMIT = 88.72
+
 
 def capped_scale(logit_scale: torch.Tensor, cap: float, mode: str = "clamp") -> torch.Tensor:
     """``min(exp(logit_scale), cap)`` in fp32.
@@ -17,7 +22,8 @@ def capped_scale(logit_scale: torch.Tensor, cap: float, mode: str = "clamp") -> 
     ``"straight_through"``: the value is capped but the gradient is that of ``exp``, so
     the optimiser can still pull a parameter that drifted above the cap back down.
     Neither mode turns a huge ``logit_scale`` (``exp`` overflows fp32 above ~88.7) into
-    a NaN value or gradient.
+    a NaN value or gradient; where the value or the gradient would overflow instead (no
+    cap, or straight-through), the loss refuses the call (:func:`log_scale_problem`).
     """
     if mode not in SCALE_CAPS:
         raise ValueError(f"scale_cap must be one of {SCALE_CAPS}, got {mode!r}")
@@ -28,10 +34,10 @@ def capped_scale(logit_scale: torch.Tensor, cap: float, mode: str = "clamp") -> 
 
 
 def _capped(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """``min(exp(x), cap)`` with ``exp``'s argument held just above ``log(cap)``: the value
-    still reaches the cap, and the clamp's zero gradient never meets an infinite ``exp'``
-    (0 * inf is NaN)."""
-    return x.clamp(max=min(math.log(cap) + 1.0, 88.0)).exp().clamp(max=cap)
+    """``min(exp(x), cap)`` with ``exp``'s argument held just above ``log(cap)`` (and at
+    :data:`LOG_SCALE_LIMIT`): the value still reaches the cap, and the clamp's zero
+    gradient never meets an infinite ``exp'`` (0 * inf is NaN)."""
+    return x.clamp(max=min(math.log(cap) + 1.0, LOG_SCALE_LIMIT)).exp().clamp(max=cap)
 
 
 class _StraightThroughCap(torch.autograd.Function):
@@ -48,3 +54,50 @@ class _StraightThroughCap(torch.autograd.Function):
         # exp(x) in float64: finite far beyond fp32's range; a zero upstream stays 0.
         slope = torch.where(grad == 0, 0.0, grad.double() * x.double().exp())
         return slope.to(grad.dtype), None
+
+
+def log_scale_problem(log_scale: float, cap: float, mode: str) -> str | None:
+    """Why a log-temperature of value ``log_scale`` cannot be used (``None`` if it can).
+
+    Its ``exp`` overflows fp32 above :data:`LOG_SCALE_LIMIT`. With ``"clamp"`` and a cap
+    below that, the scale is the cap and the gradient 0, as in CLIP; without such a cap
+    the scale itself would be ``inf`` (or silently held below it), and with
+    ``"straight_through"`` the gradient ``exp(log_scale) * dL/ds`` would be ``inf``.
+    """
+    if not log_scale > LOG_SCALE_LIMIT:  # nan is reported as non-finite elsewhere
+        return None
+    if mode == "straight_through":
+        return (
+            f"logit_scale = {log_scale:.6g}: with scale_cap='straight_through' its gradient is "
+            f"exp(logit_scale) * dL/ds, which overflows fp32 above {LOG_SCALE_LIMIT}; clamp "
+            "the parameter (e.g. to ln(logit_scale_max)) or use scale_cap='clamp'"
+        )
+    if cap > math.exp(LOG_SCALE_LIMIT):
+        return (
+            f"logit_scale = {log_scale:.6g}: exp(logit_scale) overflows fp32 above "
+            f"{LOG_SCALE_LIMIT} and logit_scale_max={cap} does not cap it; pass a finite "
+            "logit_scale_max (CLIP uses 100) or clamp the parameter"
+        )
+    return None
+
+
+def loss_range_problem(loss: str, log_scale: float, bias: float, cap: float, B: int):
+    """Why the loss's fp32 sums could overflow at this scale (``None`` if they cannot).
+
+    A CLIP term is at most ``2 s + log B`` and there are ``2 B`` of them; a SigLIP term at
+    most ``s + |bias| + 1`` and there are ``B**2``. Both are far beyond any scale a model
+    trains at (``s`` near ``1e38 / B``), but a scale there would make the loss ``inf``.
+    """
+    if not (math.isfinite(log_scale) and math.isfinite(bias)):
+        return None  # reported as non-finite, or not read (check_finite=False)
+    scale = min(math.exp(min(log_scale, LOG_SCALE_LIMIT)), cap)
+    if loss == "siglip":
+        largest = B * B * (scale + abs(bias) + 1.0)
+    else:
+        largest = 2.0 * B * (2.0 * scale + math.log(max(B, 1)))
+    if largest < float(torch.finfo(torch.float32).max):
+        return None
+    return (
+        f"the scale {scale:.3g} (and bias {bias:.3g}) at a global batch of {B} would make "
+        f"the {loss} loss's sums overflow fp32; cap the scale (logit_scale_max)"
+    )
