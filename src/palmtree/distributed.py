@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .watchdog import exchange_watch
+
 # torch 2.13 renamed the fixed-size collectives; older releases only have the old names.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -24,6 +26,18 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 class ClipLossInputError(ValueError):
     """Bad input to the loss. Raised on every rank, naming the rank(s) at fault."""
+
+
+class _Local:
+    """The ``group`` of a loss computed on this process's tensors alone."""
+
+    def __repr__(self) -> str:
+        return "palmtree.distributed.LOCAL"
+
+
+#: What the losses exchange with when called with ``distributed=False``: nothing. Every
+#: function here treats it as a world of one rank, whether or not a process group is up.
+LOCAL = _Local()
 
 
 def free_port() -> int:
@@ -39,12 +53,13 @@ def launched_world() -> bool:
 
 
 def is_distributed(group=None) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    return world(group)[1] > 1
 
 
 def world(group=None) -> tuple[int, int]:
-    """``(rank, world_size)`` within ``group``; ``(0, 1)`` without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """``(rank, world_size)`` within ``group``; ``(0, 1)`` without a process group or for
+    :data:`LOCAL`."""
+    if group is LOCAL or not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
@@ -123,7 +138,7 @@ def _exchange_device(group, preferred: torch.device) -> torch.device:
 
 def check_membership(group) -> None:
     """Raises on a process that calls the loss with a ``group`` it is not a member of."""
-    if group is None or not (dist.is_available() and dist.is_initialized()):
+    if group is None or group is LOCAL or not (dist.is_available() and dist.is_initialized()):
         return
     if dist.get_rank(group) < 0:
         raise ClipLossInputError(
@@ -158,8 +173,9 @@ def exchange_layout(
     )
     device = _exchange_device(group, device)
     gathered = torch.empty(world_size * width, dtype=torch.int64, device=device)
-    _all_gather(gathered, meta.to(device), group=group)
-    rows = gathered.view(world_size, width).tolist()
+    with exchange_watch(rank, world_size):  # where a rank calling the loss alone waits
+        _all_gather(gathered, meta.to(device), group=group)
+        rows = gathered.view(world_size, width).tolist()
 
     if any(row[1] for row in rows):
         # Rare path: fetch the actual messages so every rank can report them.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ def clip_loss(
     scale_cap: str = "clamp",
     normalize: bool = True,
     check_finite: bool = True,
+    distributed: bool = True,
 ) -> ClipLossOutput:
     """Bidirectional CLIP loss over the global batch of every rank in ``group``.
 
@@ -91,10 +93,15 @@ def clip_loss(
         normalize: L2-normalise the features (fp32, eps 1e-6). ``False`` takes them
             as given, as open_clip's loss does.
         check_finite: reject NaN/inf features (costs one host sync).
+        distributed: ``False`` computes the loss on this process's tensors alone, with no
+            collective, even while a process group is up (an evaluation on one rank);
+            ``group`` is then ignored.
 
     Returns:
         :class:`ClipLossOutput`. Ranks may hold different ``b``, including 0; every
-        rank must call this (and backpropagate ``loss``) the same number of times.
+        rank must call this (and backpropagate ``loss``) the same number of times
+        (a rank that waits for the others in the first exchange says so after two
+        minutes, see :mod:`palmtree.watchdog`).
 
     Raises:
         ClipLossInputError: on every rank, naming the rank(s) whose input or options are
@@ -109,6 +116,7 @@ def clip_loss(
         scale_cap=scale_cap,
         normalize=normalize,
         check_finite=check_finite,
+        distributed=distributed,
     )
     return clip_loss_with(opts, image_features, text_features, logit_scale, text_mask)
 
@@ -200,6 +208,12 @@ class Projections(nn.Module):
         nn.init.normal_(layer.weight, std=dim**-0.5)
         return layer
 
+    def call_options(self, distributed: bool | None) -> LossOptions:
+        """The module's options, with ``distributed`` overridden for one call."""
+        if distributed is None or distributed == self.options.distributed:
+            return self.options
+        return dataclasses.replace(self.options, distributed=distributed)
+
     def project(self, image_features, text_features):
         """``(image, text, error)``: both sides projected, or a width mismatch as a message.
 
@@ -220,10 +234,13 @@ class Projections(nn.Module):
                         f"{type(self).__name__} was built with {side}_dim={expected}"
                     ),
                 )
-        if self.image_proj is not None:
-            image_features = self.image_proj(image_features)
-        if self.text_proj is not None:
-            text_features = self.text_proj(text_features)
+        try:
+            if self.image_proj is not None:
+                image_features = self.image_proj(image_features)
+            if self.text_proj is not None:
+                text_features = self.text_proj(text_features)
+        except (RuntimeError, TypeError) as exc:  # e.g. a dtype the layer does not take
+            return image_features, text_features, f"projecting the features failed: {exc}"
         return image_features, text_features, None
 
     def describe(self) -> str:
@@ -258,9 +275,11 @@ class ClipLoss(Projections):
         precision: str | None = None,
         chunk_size: int | None = None,
         group=None,
+        distributed: bool = True,
     ):
         options = LossOptions(
             group=group,
+            distributed=distributed,
             backend=backend,
             precision=precision,
             chunk_size=chunk_size,
@@ -275,10 +294,13 @@ class ClipLoss(Projections):
         image_features: torch.Tensor,
         text_features: torch.Tensor,
         text_mask: torch.Tensor | None = None,
+        *,
+        distributed: bool | None = None,
     ) -> ClipLossOutput:
+        """``distributed=False`` for this call only: see :func:`clip_loss`."""
         image_features, text_features, error = self.project(image_features, text_features)
         return clip_loss_with(
-            self.options,
+            self.call_options(distributed),
             image_features,
             text_features,
             self.logit_scale,

@@ -75,6 +75,7 @@ def siglip_loss(
     scale_cap: str = "clamp",
     normalize: bool = True,
     check_finite: bool = True,
+    distributed: bool = True,
 ) -> SigLipLossOutput:
     """SigLIP's pairwise sigmoid loss over the global batch of every rank in ``group``.
 
@@ -97,6 +98,7 @@ def siglip_loss(
         scale_cap=scale_cap,
         normalize=normalize,
         check_finite=check_finite,
+        distributed=distributed,
     )
     return siglip_loss_with(opts, image_features, text_features, logit_scale, logit_bias, text_mask)
 
@@ -180,9 +182,11 @@ class SigLipLoss(Projections):
         precision: str | None = None,
         chunk_size: int | None = None,
         group=None,
+        distributed: bool = True,
     ):
         options = LossOptions(
             group=group,
+            distributed=distributed,
             backend=backend,
             precision=precision,
             chunk_size=chunk_size,
@@ -198,10 +202,13 @@ class SigLipLoss(Projections):
         image_features: torch.Tensor,
         text_features: torch.Tensor,
         text_mask: torch.Tensor | None = None,
+        *,
+        distributed: bool | None = None,
     ) -> SigLipLossOutput:
+        """``distributed=False`` for this call only: see :func:`palmtree.clip_loss`."""
         image_features, text_features, error = self.project(image_features, text_features)
         return siglip_loss_with(
-            self.options,
+            self.call_options(distributed),
             image_features,
             text_features,
             self.logit_scale,
