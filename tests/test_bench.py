@@ -23,6 +23,7 @@ from palmtree.bench import (
     cases,
     check,
     cli,
+    csvfile,
     main,
     markdown_table,
     measure,
@@ -212,10 +213,10 @@ def test_inf_cl_reports_why_it_cannot_run_on_cpu():
     assert why == "Inf-CL has no sigmoid loss"
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _read_csv(path: Path, layouts=(FIELDS,)) -> list[dict]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == FIELDS
+        assert tuple(reader.fieldnames) in layouts
         return list(reader)
 
 
@@ -284,14 +285,15 @@ def test_labels_carry_the_loss_and_clip_rows_keep_their_names():
 
 
 def test_committed_results_are_readable_by_this_version():
-    """The reference results under benchmarks/results keep the CSV's columns, so a table
-    or a plot can be redrawn from them (``--plot-only``) and runs appended to them."""
+    """The reference results under benchmarks/results have a layout this version reads
+    (the current one, or the one before the quartile columns), so a table or a plot can be
+    redrawn from them (``--plot-only``, tests/test_bench_cli.py) and runs appended."""
     results = SRC.parents[1] / "benchmarks" / "results"
     files = sorted(p for p in results.glob("*.csv") if not p.name.startswith("accumulate-"))
     assert files
     for path in files:
-        rows = _read_csv(path)
-        assert rows and {r["status"] for r in rows} <= set(report.STATUSES), path
+        rows = _read_csv(path, (FIELDS, csvfile.LEGACY_FIELDS))
+        assert rows and {r["status"] for r in rows} <= set(csvfile.STATUSES), path
 
 
 def test_out_of_memory_is_a_row_not_a_crash():
@@ -332,6 +334,8 @@ def test_rounds_pool_timed_runs_and_keep_worst_memory_and_error():
     row = sweep.combine_rounds(results)
     assert row["status"] == "ok" and row["repeats"] == 4
     assert row["median_ms"] == 11.5 and row["min_ms"] == 10.0 and row["peak_mb"] == 7.0
+    # The quartiles of all 4 pooled runs (10, 11, 12, 30), not of one round's.
+    assert row["q1_ms"] == 10.75 and row["q3_ms"] == 16.5
     assert row["loss_diff"] == 2e-7
     assert row["note"] == f"{outside}; 1 of 3 rounds failed, first: error: boom"
     assert sweep.combine_rounds([dict(status="oom", note="x")])["status"] == "oom"
@@ -341,7 +345,7 @@ def test_ratios_survive_a_peak_that_reads_zero():
     base = dict(status="ok", precision="ieee", batch="64", dim="32", median_ms="2")
     rows = [dict(base, impl="reference", peak_mb="1.5"), dict(base, impl="fused", peak_mb="0")]
     assert report.target_summary(rows) == [
-        "fused / reference (ieee, B=64, D=32): memory 0.000x, time 1.00x"
+        "fused / reference (ieee, B=64, D=32): memory 0.000x, time 1.00x (spread unknown)"
     ]
 
 
@@ -354,8 +358,10 @@ def test_ratios_compare_within_one_loss():
         dict(base, impl="siglip:chunked", peak_mb="1"),
     ]
     assert report.target_summary(rows) == [
-        "chunked / reference (ieee, B=64, D=32): memory 0.125x (1/8.0), time 1.00x",
-        "siglip:chunked / siglip:open_clip (ieee, B=64, D=32): memory 0.250x (1/4.0), time 0.50x",
+        "chunked / reference (ieee, B=64, D=32): memory 0.125x (1/8.0), time 1.00x"
+        " (spread unknown)",
+        "siglip:chunked / siglip:open_clip (ieee, B=64, D=32): memory 0.250x (1/4.0), time 0.50x"
+        " (spread unknown)",
     ]
 
 
@@ -396,6 +402,8 @@ def test_a_missing_plot_library_is_said_before_any_work(monkeypatch, capsys, tmp
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name)
     )
-    assert main(["--quick", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--out", str(tmp_path)])
+    assert exc.value.code == 2
     assert "pip install '.[bench]'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing measured, nothing written

@@ -12,14 +12,18 @@ pairs of width ``D``, in one process, checked against the float64 truth of
 * :mod:`~palmtree.bench.measure`: timing, peak memory, out-of-memory, the worker process;
 * :mod:`~palmtree.bench.check`: the correctness columns against float64;
 * :mod:`~palmtree.bench.sweep`: the sweep over cases and rounds;
-* :mod:`~palmtree.bench.report`: CSV rows, the markdown table, the plot;
-* :mod:`~palmtree.bench.cli`: the command line.
+* :mod:`~palmtree.bench.csvfile`: the CSV (its columns, old layouts, appending) and the
+  output files;
+* :mod:`~palmtree.bench.report`: the markdown table, the ratios and their noise, the plot;
+* :mod:`~palmtree.bench.options`: the flags, each value checked as it is parsed;
+* :mod:`~palmtree.bench.cli`: the checks across flags, and the run.
 
 Timings are never asserted anywhere; this is a measuring tool. Nothing in the library
 imports it.
 """
 
 from .cli import main
-from .report import FIELDS, markdown_table, plot
+from .csvfile import FIELDS
+from .report import markdown_table, plot
 
 __all__ = ["FIELDS", "main", "markdown_table", "plot"]

@@ -20,16 +20,21 @@ from .. import clip_loss, siglip_loss, testing
 from ..backends import BACKENDS, fused_can_run, get_kernels
 from . import peers
 
-#: Sizes, precisions, timed runs and warm-up runs when the command line names none.
+#: Sizes, precisions, timed runs and warm-up runs when the command line names none, per
+#: device type (``--help`` shows them all).
 DEFAULTS = {
-    "cpu": dict(batch_sizes=[1024, 2048, 4096, 8192], precisions=["ieee"], repeats=5, warmup=1),
+    "cpu": dict(
+        batch_sizes=[1024, 2048, 4096, 8192], dims=[512], precisions=["ieee"], repeats=5, warmup=1
+    ),
     "cuda": dict(
         batch_sizes=[8192, 32768, 65536, 131072],
+        dims=[512],
         precisions=["ieee", "tf32", "bf16"],
         repeats=5,
         warmup=2,
     ),
 }
+#: What ``--quick`` changes in them (tiny sizes, for tests).
 QUICK = dict(batch_sizes=[64, 128], dims=[32], repeats=1, warmup=1)
 #: Text = image direction + this much independent noise (``testing.make_pairs``'s
 #: "correlated" pairs): a positive pair's cosine is ~0.55, and with the default

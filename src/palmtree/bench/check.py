@@ -1,6 +1,7 @@
 """The bench's correctness columns: each case against ``palmtree.testing``'s float64 truth.
 
-``loss_diff = |loss - L| / |L|`` and ``grad_diff``, the largest of ``max|g - g*| / max|g*|``
+``loss_diff = |loss - L| / |L|`` (``|loss - L|`` where ``L`` is 0, as the CLIP loss of
+one pair is) and ``grad_diff``, the largest of ``max|g - g*| / max|g*|``
 over the image features, the text features, the log-temperature and (SigLIP) the bias,
 where ``L, g*`` come from :func:`palmtree.testing.reference` (CLIP, on the bench's
 device) or :func:`palmtree.testing.siglip_reference` (SigLIP, on the CPU) on the same
@@ -123,7 +124,7 @@ def compare(precision: str, loss, grads: dict, exact: dict) -> dict:
     loss, loss_exact = torch.as_tensor(loss).detach(), float(exact["loss"])
     names = ("d_img", "d_txt", *SCALAR_GRADS[exact["loss_kind"]])
     out = dict(
-        loss_diff=abs(float(loss) - loss_exact) / abs(loss_exact),
+        loss_diff=_relative(abs(float(loss) - loss_exact), loss_exact),
         grad_diff=max(_rel_max(grads[k], exact[k]) for k in names),
         note="",
     )

@@ -10,8 +10,9 @@
 * running out of memory is a result (status ``oom``), not a crash.
 
 A result is a dict: ``status`` (``ok``, ``oom``, ``skip``, ``error``, ``timeout``),
-``note``, and for ``ok`` the timed runs (``times``, ``median_ms``, ``min_ms``), ``peak_mb``,
-``loss`` and the correctness columns of :mod:`palmtree.bench.check`.
+``note``, and for ``ok`` the timed runs (``times``, ``median_ms``, ``min_ms`` and their
+spread, :func:`timing`), ``peak_mb``, ``loss`` and the correctness columns of
+:mod:`palmtree.bench.check`.
 """
 
 from __future__ import annotations
@@ -109,6 +110,22 @@ def limit_address_space(extra_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
+def timing(times: list[float]) -> dict:
+    """The timed runs summarised: ``median_ms``, ``min_ms``, and their spread.
+
+    The spread is the interquartile range: ``q1_ms`` and ``q3_ms`` are the quartiles of
+    ``statistics.quantiles(method="inclusive")`` (for 5 runs the 2nd and 4th fastest, so
+    one outlier on either side moves neither), ``spread = (q3 - q1) / median``. One run
+    has no spread: all three are then ``None``.
+    """
+    median = statistics.median(times)
+    out = dict(median_ms=median, min_ms=min(times), q1_ms=None, q3_ms=None, spread=None)
+    if len(times) >= 2:
+        q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+        out.update(q1_ms=q1, q3_ms=q3, spread=(q3 - q1) / median)
+    return out
+
+
 def run_case(case: Case, oracle: dict | None = None) -> dict:
     """Runs one case in this process and returns its result dict.
 
@@ -154,7 +171,7 @@ def _measure(case: Case, device: torch.device, oracle: dict | None) -> dict:
             raise
         result.update(status="oom", note=one_line(exc))
         return result
-    result.update(times=times, median_ms=statistics.median(times), min_ms=min(times))
+    result.update(times=times, **timing(times))
     result.update(peak_mb=peak_mb, loss=float(loss))
 
     if oracle is None and case.oracle:

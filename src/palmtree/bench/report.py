@@ -1,88 +1,33 @@
-"""What ``palmtree bench`` writes: CSV rows, the markdown table, the plot, the ratios.
+"""What ``palmtree bench`` draws from its CSV: the markdown table, the plot, the ratios.
 
-Each run appends one row per case to ``<out>/<name>.csv`` (the columns are
-:data:`FIELDS`), then redraws ``<out>/<name>.md`` (the table and chunked's memory and
-time against the reference) and ``<out>/<name>.png`` (log-log time and memory against
-``B``) from the rows of the latest run. Everything here reads the CSV's text rows, so a
-table or plot can be redrawn from any CSV (``--plot-only``, ``benchmarks/gpu_check.sh``).
+Each run appends one row per case to ``<out>/<name>.csv`` as the case ends
+(:mod:`~palmtree.bench.csvfile`), then redraws ``<out>/<name>.md`` (the table, and
+chunked's memory and time against the reference) and ``<out>/<name>.png`` (log-log time
+and memory against ``B``) from the rows of the latest run. Everything here reads the
+CSV's text rows, so a table or plot can be redrawn from any CSV this bench ever wrote
+(``--plot-only``, ``benchmarks/gpu_check.sh``).
+
+Every time comes with its spread, the interquartile range of the timed runs relative to
+the median (:func:`palmtree.bench.measure.timing`); a time ratio whose two cases' IQRs
+overlap is marked not meaningful (:data:`RATIO_RULE`).
 """
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from ..backends import BACKENDS
 from .cases import impl_label, split_label
 from .check import OUTSIDE
+from .csvfile import csv_rows, latest_run
 
-FIELDS = (
-    "timestamp",
-    "device",
-    "torch_version",
-    "palmtree_version",
-    "impl",
-    "impl_version",
-    "precision",
-    "batch",
-    "dim",
-    "repeats",
-    "median_ms",
-    "min_ms",
-    "peak_mb",
-    "loss",
-    "loss_diff",
-    "grad_diff",
-    "status",
-    "note",
+#: How a time ratio is judged, said under the ratios in the ``.md`` file.
+RATIO_RULE = (
+    "A time ratio's range runs from its case's first quartile over the baseline's third "
+    "to its third quartile over the baseline's first: it holds 1 exactly when the two "
+    "cases' interquartile ranges overlap, and the ratio is then not meaningful (the "
+    "difference is within the noise of the timed runs)."
 )
-#: The values of the ``status`` column.
-STATUSES = ("ok", "oom", "skip", "error", "timeout")
-
-
-def csv_rows(path: Path) -> list[dict]:
-    """Every row of the CSV at ``path`` (none if it does not exist)."""
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def append_row(path: Path, row: dict) -> None:
-    """Appends ``row``, writing the header first if the file is new.
-
-    Raises SystemExit when the file has other columns (an older layout): appending would
-    misalign them.
-    """
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        if tuple(header) != FIELDS:
-            raise SystemExit(
-                f"{path} has other columns ({header}); pick another --name or move the file"
-            )
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: _fmt(row.get(k)) for k in FIELDS})
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e-3 and value != 0 else f"{value:.6g}"
-    return str(value)
-
-
-def latest_run(rows: list[dict]) -> list[dict]:
-    """The rows written by the most recent run (they share one timestamp)."""
-    if not rows:
-        return []
-    last = max(r["timestamp"] for r in rows)
-    return [r for r in rows if r["timestamp"] == last]
 
 
 def _num(text: str | None) -> float | None:
@@ -118,16 +63,14 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, series in _series(ok).items():
         series = sorted(series, key=lambda r: int(r["batch"]))
-        b = [int(r["batch"]) for r in series]
-        for ax, key in zip(axes, ("median_ms", "peak_mb"), strict=True):
-            pts = [(x, _num(r[key])) for x, r in zip(b, series, strict=True)]
-            pts = [(x, y) for x, y in pts if y is not None and y > 0]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+        _draw(axes[0], series, "median_ms", label, spread=True)
+        _draw(axes[1], series, "peak_mb", label, spread=False)
     dims = sorted({r["dim"] for r in ok}, key=int)
     batches = sorted({int(r["batch"]) for r in ok})
     for ax, title in zip(
-        axes, ("forward+backward time (ms, median)", "peak extra memory (MB)"), strict=True
+        axes,
+        ("forward+backward time (ms: median, bars from Q1 to Q3)", "peak extra memory (MB)"),
+        strict=True,
     ):
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
@@ -146,14 +89,33 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _draw(ax, series: list[dict], key: str, label: str, spread: bool) -> None:
+    """One line of ``key`` against ``B``; with ``spread``, bars from the first to the third
+    quartile where every point has them."""
+    pts = [(int(r["batch"]), _num(r[key]), r) for r in series]
+    pts = [(x, y, r) for x, y, r in pts if y is not None and y > 0]
+    if not pts:
+        return
+    x, y, rows = zip(*pts, strict=True)
+    q = [(_num(r.get("q1_ms")), _num(r.get("q3_ms"))) for r in rows]
+    if not spread or any(None in pair for pair in q):
+        ax.plot(x, y, marker="o", label=label)
+        return
+    low = [m - q1 for m, (q1, _) in zip(y, q, strict=True)]
+    high = [q3 - m for m, (_, q3) in zip(y, q, strict=True)]
+    ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=label)
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a markdown table, grouped by implementation and precision.
 
-    The status cell carries the note of a row that is not ``ok``, and of an ``ok`` row
-    whose loss or temperature gradient fell outside the float64 bounds.
+    ``IQR`` is the spread of the timed runs relative to the median (empty for one run,
+    or a CSV from before it was recorded). The status cell carries the note of a row that
+    is not ``ok``, and of an ``ok`` row whose loss or temperature gradient fell outside
+    the float64 bounds.
     """
-    columns = ["impl", "precision", "B", "D", "median (ms)", "min (ms)", "peak (MB)", "loss"]
-    columns += ["loss diff", "grad diff", "status"]
+    columns = ["impl", "precision", "B", "D", "median (ms)", "IQR", "min (ms)", "peak (MB)"]
+    columns += ["loss", "loss diff", "grad diff", "status"]
     align = ["---"] * 2 + ["---:"] * (len(columns) - 3) + ["---"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
     order: dict[tuple[str, str], int] = {}
@@ -164,8 +126,10 @@ def markdown_table(rows: list[dict]) -> str:
         return order[r["impl"], r["precision"]], int(r["dim"]), int(r["batch"])
 
     for r in sorted(rows, key=key):
-        cells = [r["impl"], r["precision"], r["batch"], r["dim"]]
-        keys = ("median_ms", "min_ms", "peak_mb", "loss", "loss_diff", "grad_diff")
+        cells = [r["impl"], r["precision"], r["batch"], r["dim"], _short(r["median_ms"])]
+        spread = _num(r.get("spread"))
+        cells.append("" if spread is None else percent(spread))
+        keys = ("min_ms", "peak_mb", "loss", "loss_diff", "grad_diff")
         cells += [_short(r[k]) for k in keys]
         lines.append("| " + " | ".join(cells + [_status(r)]) + " |")
     return "\n".join(lines)
@@ -187,6 +151,12 @@ def _short(text: str) -> str:
     if abs(x) < 1e-2:
         return f"{x:.1e}"
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def percent(fraction: float) -> str:
+    """A relative spread as a percentage with two significant digits (``4.2%``, ``13%``)."""
+    x = 100 * fraction
+    return f"{x:.0f}%" if x >= 10 else f"{x:.2g}%"
 
 
 #: What each single-pass backend is compared with, when it ran: the reference backend
@@ -212,29 +182,43 @@ def target_summary(rows: list[dict]) -> list[str]:
 
 
 def _ratios(r: dict, base: dict) -> str:
-    mem = _num(r["peak_mb"]) / max(_num(base["peak_mb"]), 1e-9)
-    tim = _num(r["median_ms"]) / _num(base["median_ms"])
-    # A peak below the RSS granularity reads 0: no "1/x" then.
+    # A peak below the RSS granularity reads 0: no "1/x" then, and no ratio over it.
+    if _num(base["peak_mb"]) <= 0:
+        return f"memory: the baseline's peak reads 0, {time_ratio(r, base)}"
+    mem = _num(r["peak_mb"]) / _num(base["peak_mb"])
     inverse = f" (1/{1 / mem:.1f})" if mem > 0 else ""
-    return f"memory {mem:.3f}x{inverse}, time {tim:.2f}x"
+    return f"memory {mem:.3f}x{inverse}, {time_ratio(r, base)}"
+
+
+def time_ratio(r: dict, base: dict) -> str:
+    """``r``'s median time over ``base``'s, with its range and verdict (:data:`RATIO_RULE`);
+    ``spread unknown`` when a row has no quartiles."""
+    text = f"time {_num(r['median_ms']) / _num(base['median_ms']):.2f}x"
+    q1, q3, b1, b3 = (_num(x.get(k)) for x in (r, base) for k in ("q1_ms", "q3_ms"))
+    if None in (q1, q3, b1, b3):
+        return text + " (spread unknown)"
+    low, high = q1 / b3, q3 / max(b1, 1e-12)
+    text += f" ({low:.2f} to {high:.2f})"
+    return text + (", not meaningful: the IQRs overlap" if low <= 1 <= high else "")
 
 
 def write_report(csv_path: Path, no_plot: bool) -> None:
-    """Redraws the table (``.md``) and the plot (``.png``) from the CSV's latest run."""
+    """Redraws the table (``.md``) and the plot (``.png``) from the CSV's latest run.
+
+    Raises what writing them raises (``OSError``, a plotting error); the CSV is only read.
+    """
     rows = latest_run(csv_rows(csv_path))
     if not rows:
         print(f"no rows in {csv_path}")
         return
     table = markdown_table(rows)
     ratios = target_summary(rows)
-    md = csv_path.with_suffix(".md")
-    text = f"{rows[0]['device']}, torch {rows[0]['torch_version']}, {rows[0]['timestamp']}\n\n"
-    md.write_text(text + table + "\n" + "".join(f"\n- {line}" for line in ratios) + "\n")
     print("\n" + table)
     for line in ratios:
         print(line)
-    if not no_plot:
-        png = plot(rows, csv_path.with_suffix(".png"))
-        print(f"\nwrote {csv_path}, {md}" + (f", {png}" if png else ""))
-    else:
-        print(f"\nwrote {csv_path}, {md}")
+    md = csv_path.with_suffix(".md")
+    text = f"{rows[0]['device']}, torch {rows[0]['torch_version']}, {rows[0]['timestamp']}\n\n"
+    text += table + "\n" + "".join(f"\n- {line}" for line in ratios)
+    md.write_text(text + "\n" + (f"\n{RATIO_RULE}\n" if ratios else ""))
+    png = None if no_plot else plot(rows, csv_path.with_suffix(".png"))
+    print(f"\nwrote {csv_path}, {md}" + (f", {png}" if png else ""))

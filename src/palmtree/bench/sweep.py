@@ -4,14 +4,16 @@ interleaved.
 Cases that cannot run here become ``skip`` results with the reason; once an
 implementation runs out of memory at some ``B``, its larger ``B`` (same precision and
 ``D``) are ``oom`` without being run. Rounds pool each case's timed runs
-(:func:`combine_rounds`), so that load on a shared machine hits every case alike.
+(:func:`combine_rounds`), so that load on a shared machine hits every case alike. Each
+case's result is handed over as soon as its last round ends (:func:`run_sweep`), so that
+the command line writes it before the next case starts.
 """
 
 from __future__ import annotations
 
 import gc
-import statistics
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,8 @@ import torch
 
 from .cases import SIGLIP_BIAS, Case, impl_label, skip_reason
 from .check import OUTSIDE, Oracles
-from .measure import one_line, run_case, run_case_in_process
+from .measure import one_line, run_case, run_case_in_process, timing
+from .report import percent
 
 #: A case of the plan: ``(dim, batch, impl, precision)``.
 Key = tuple[int, int, str, str]
@@ -79,34 +82,58 @@ class Sweep:
         )
 
 
-def run_sweep(sweep: Sweep) -> dict[Key, dict]:
-    """Runs every case of the plan ``sweep.rounds`` times; one combined result per case."""
+def run_sweep(sweep: Sweep) -> Iterator[tuple[Key, dict]]:
+    """Runs every case of the plan ``sweep.rounds`` times; yields each case's combined
+    result as soon as its last round has run, so that the caller can keep it at once.
+
+    Interrupted (``KeyboardInterrupt``), it first yields what the cases not yet yielded
+    measured in the rounds that did finish (a note says how many), then re-raises.
+    """
     plan = sweep.plan()
     results: dict[Key, list[dict]] = {key: [] for key in plan}
     oomed: dict[tuple[str, str, int], int] = {}  # (impl, precision, dim) -> first OOM batch
+    done: set[Key] = set()
     with tempfile.TemporaryDirectory(prefix="palmtree-bench-") as tmp:
-        files = Path(tmp) if sweep.isolate == "process" else None
-        oracles = Oracles(
-            sweep.device,
-            sweep.seed,
-            sweep.log_scale,
-            sweep.check_precision,
-            files,
-            sweep.loss,
-            sweep.logit_bias,
-        )
-        for round_ in range(sweep.rounds):
+        oracles = _oracles(sweep, Path(tmp) if sweep.isolate == "process" else None)
+        try:
+            for round_ in range(sweep.rounds):
+                for key in plan:
+                    dim, batch, impl, precision = key
+                    oracle, oracle_file = oracles.get(batch, dim)
+                    case = sweep.case(key, oracle_file)
+                    result = _run_one(case, sweep, oracle, oomed)
+                    if result["status"] == "oom":
+                        oomed.setdefault((impl, precision, dim), batch)
+                    results[key].append(result)
+                    prefix = f"[{round_ + 1}/{sweep.rounds}] " if sweep.rounds > 1 else ""
+                    print_case(prefix, case, result)
+                    if round_ == sweep.rounds - 1:
+                        done.add(key)
+                        yield key, combine_rounds(results[key])
+        except KeyboardInterrupt:
             for key in plan:
-                dim, batch, impl, precision = key
-                oracle, oracle_file = oracles.get(batch, dim)
-                case = sweep.case(key, oracle_file)
-                result = _run_one(case, sweep, oracle, oomed)
-                if result["status"] == "oom":
-                    oomed.setdefault((impl, precision, dim), batch)
-                results[key].append(result)
-                prefix = f"[{round_ + 1}/{sweep.rounds}] " if sweep.rounds > 1 else ""
-                print_case(prefix, case, result)
-    return {key: combine_rounds(rounds) for key, rounds in results.items()}
+                if key not in done and results[key]:
+                    yield key, _interrupted(results[key], sweep.rounds)
+            raise
+
+
+def _oracles(sweep: Sweep, files: Path | None) -> Oracles:
+    return Oracles(
+        sweep.device,
+        sweep.seed,
+        sweep.log_scale,
+        sweep.check_precision,
+        files,
+        sweep.loss,
+        sweep.logit_bias,
+    )
+
+
+def _interrupted(results: list[dict], rounds: int) -> dict:
+    row = combine_rounds(results)
+    note = f"interrupted: {len(results)} of {rounds} rounds ran"
+    row["note"] = "; ".join(n for n in (row.get("note", ""), note) if n)
+    return row
 
 
 def _run_one(case: Case, sweep: Sweep, oracle: dict | None, oomed: dict) -> dict:
@@ -129,7 +156,8 @@ def _run_one(case: Case, sweep: Sweep, oracle: dict | None, oomed: dict) -> dict
 
 
 def combine_rounds(results: list[dict]) -> dict:
-    """One row from a case's rounds: timed runs pooled (median, min), worst memory and error.
+    """One row from a case's rounds: timed runs pooled (median, min, quartiles), worst memory
+    and error.
 
     The note is the bounds' verdict of a round that fell outside them if any did (else of
     the first), followed by how many rounds failed.
@@ -139,12 +167,7 @@ def combine_rounds(results: list[dict]) -> dict:
         return dict(results[0], repeats=0)
     times = [t for r in ok for t in r["times"]]
     out = dict(ok[0])
-    out.update(
-        repeats=len(times),
-        median_ms=statistics.median(times),
-        min_ms=min(times),
-        peak_mb=max(r["peak_mb"] for r in ok),
-    )
+    out.update(timing(times), repeats=len(times), peak_mb=max(r["peak_mb"] for r in ok))
     for k in ("loss_diff", "grad_diff"):
         values = [r[k] for r in ok if r.get(k) is not None]
         out[k] = max(values) if values else None
@@ -171,4 +194,5 @@ def print_case(prefix: str, case: Case, row: dict) -> None:
     if row.get("note"):
         diff += f"; {row['note']}"
     ms, mb, loss = row["median_ms"], row["peak_mb"], row["loss"]
-    print(f"{what} {ms:10.2f} ms {mb:10.1f} MB  loss {loss:.4f}{diff}", flush=True)
+    spread = "" if row.get("spread") is None else f" IQR {percent(row['spread'])}"
+    print(f"{what} {ms:10.2f} ms{spread:>10} {mb:10.1f} MB  loss {loss:.4f}{diff}", flush=True)
