@@ -27,6 +27,7 @@ from palmtree import clip_loss, testing  # noqa: E402
 from palmtree.backends.base import ForwardStats, GradientTerms  # noqa: E402
 from palmtree.backends.chunked import ChunkedKernels  # noqa: E402
 from palmtree.backends.fused import FusedKernels  # noqa: E402
+from palmtree.protocol import pair_dots  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 PRECISIONS = ("ieee", "tf32", "bf16")
@@ -54,10 +55,16 @@ def unit_pairs(big, dim, seed, kind="correlated"):
 
 def backward_shifts(u, v, scale, offset, seed):
     """Shifts and coefficients as the protocol builds them (per-column weights differ),
-    from float64 statistics; the positives (``diag``) come from each kernel's forward."""
+    from float64 statistics, and the pairs' similarities: the local rows' own, and each
+    other column's largest (a peaked column's positive); the positives (``diag``) come
+    from each kernel's forward."""
     g = torch.Generator().manual_seed(seed)
     b, big = u.shape[0], v.shape[0]
-    s = scale.double() * u.double() @ v.double().T
+    dot = u.double() @ v.double().T
+    s = scale.double() * dot
+    rows = torch.arange(b)
+    pair_dot = dot.amax(0) if b else torch.zeros(big, dtype=torch.float64)
+    pair_dot[offset + rows] = dot[rows, offset + rows]
     w_row = torch.full((b,), 0.7, dtype=torch.float64)
     w_col = 0.5 + torch.rand(big, generator=g, dtype=torch.float64)
     row_max, col_max = s.amax(1), s.amax(0)
@@ -69,6 +76,7 @@ def backward_shifts(u, v, scale, offset, seed):
         col_max,
         w_col / col_sum,
         w_row + w_col[offset : offset + b],
+        pair_dot,
     )
     return [t.float() for t in inputs]
 
@@ -84,12 +92,20 @@ def exact(u, v, scale, offset, shifts, precision="ieee"):
     e_col = torch.exp(s - out["col_max"])
     e_row[rows, offset + rows] = e_col[rows, offset + rows] = 0.0  # the negatives only
     out["row_neg"], out["col_neg"] = e_row.sum(1), e_col.sum(0)
-    row_shift, row_coef, col_shift, col_coef, pos = (t.to(u.device).double() for t in shifts)
-    g = row_coef[:, None] * torch.exp(s - row_shift[:, None]) + col_coef * torch.exp(s - col_shift)
+    row_shift, row_coef, col_shift, col_coef, pos, pair = (t.to(u.device).double() for t in shifts)
+    p_row = row_coef[:, None] * torch.exp(s - row_shift[:, None])
+    p_col = col_coef * torch.exp(s - col_shift)
+    g = p_row + p_col
     g[rows, offset + rows] -= pos
-    out.update(du=scale * g @ v, dv=scale * g.T @ u, dscale=(g * (u @ v.T)).sum())
-    coefs = (row_coef, row_shift, col_coef, col_shift)
-    out["dscale_bound"] = dscale_bound(u, v, scale, g, coefs, precision)
+    # base.py's dscale: each similarity against its row's and its column's pair, the
+    # positives' terms left out.
+    dot = u @ v.T
+    sides = [(p_row, dot - pair[offset + rows, None]), (p_col, dot - pair[None, :])]
+    for p, _ in sides:
+        p[rows, offset + rows] = 0.0  # g already holds the positives' probabilities
+    out.update(du=scale * g @ v, dv=scale * g.T @ u)
+    out["dscale"] = sum((p * diff).sum() for p, diff in sides)
+    out["dscale_bound"] = dscale_bound(u, v, scale, sides, precision)
     return out
 
 
@@ -97,32 +113,42 @@ def exact(u, v, scale, offset, shifts, precision="ieee"):
 OPERAND_UNIT = {"ieee": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}
 
 
-def dscale_bound(u, v, scale, g, coefs, precision) -> float:
-    """Bound on fp32's ``sum(G * U V^T)`` for given fp32 shifts and coefficients.
+def dscale_bound(u, v, scale, sides, precision) -> float:
+    """Bound on fp32's ``dscale`` (base.py) for given fp32 shifts, coefficients and pair
+    similarities (exact inputs here); ``sides`` are the rows' and the columns'
+    ``(coef * exp(S - shift), dot - pair)``, 0 at the positives.
 
     Each product ``U V^T`` is off by ``(gamma(D) + 2.01 unit) |U| |V|^T`` (``unit`` the
     operands' rounding in tf32/bf16 modes, 0 in ieee), so each logit by ``scale``
     times that plus the rounding of the scale and of ``S - shift`` (``gamma(3) 2 s``);
     each ``coef * exp(S - shift)`` moves by itself times that logit error, plus
-    ``gamma(3)`` relative for ``exp``, the product and the sum; the sum of ``b * B``
-    terms adds ``gamma(b + B)`` times their absolute sum (:mod:`palmtree.testing`).
+    ``gamma(3)`` relative for ``exp`` and the product; each difference by the product's
+    error and its own rounding; each term rounds twice more (``gamma(2)``), and the sum
+    adds ``gamma(b + B + 2)`` times the terms' absolute sum (:mod:`palmtree.testing`
+    counts sums so).
     """
-    row_coef, row_shift, col_coef, col_shift = coefs
     dim = u.shape[1]
-    dot = u @ v.T
     e_dot = (testing.gamma(dim) + 2.01 * OPERAND_UNIT[precision]) * (u.abs() @ v.abs().T)
     e_s = float(scale) * (e_dot + testing.gamma(3) * 2)
-    p = row_coef[:, None] * torch.exp(scale * dot - row_shift[:, None])
-    p = p + col_coef * torch.exp(scale * dot - col_shift)
-    dg = p * (e_s + testing.gamma(4)) + testing.UNIT_ROUNDOFF * g.abs()
-    n = sum(u.shape[:1]) + v.shape[0]
-    err = (dg * dot.abs()).sum() + (g.abs() * e_dot).sum()
-    return float(err + testing.gamma(n + 2) * (g * dot).abs().sum())
+    n = u.shape[0] + v.shape[0] + 2
+    err = 0.0
+    for p, diff in sides:
+        t = (p * diff).abs()
+        moved = p * (e_s + testing.gamma(3)) * diff.abs() + p * e_dot
+        moved += p * testing.UNIT_ROUNDOFF * diff.abs() + testing.gamma(2) * t
+        err += float(moved.sum()) + testing.gamma(n) * float(t.sum())
+    return err
+
+
+def gradient_terms(shifts, diag) -> GradientTerms:
+    """:func:`backward_shifts`' outputs and a forward's positives as the backward's input."""
+    *coefs, pair_dot = shifts
+    return GradientTerms(*coefs, diag=diag, pair_dot=pair_dot)
 
 
 def run(kernels, u, v, scale, offset, precision, shifts):
     stats = kernels.forward(u, v, scale, offset, precision, None)
-    terms = GradientTerms(*shifts, diag=stats.diag)
+    terms = gradient_terms(shifts, stats.diag)
     grads = kernels.backward(u, v, scale, offset, precision, None, terms)
     out = {name: getattr(stats, name) for name in STATS}
     out.update(zip(GRADS, grads, strict=True))
@@ -231,7 +257,7 @@ def test_empty_rank():
     assert torch.equal(stats.col_neg.cpu(), torch.zeros(150))
     empty = torch.empty(0, **dev)
     col = torch.zeros(150, **dev)
-    terms = GradientTerms(empty, empty, col, col, empty, empty)
+    terms = GradientTerms(empty, empty, col, col, empty, empty, col)
     du, dv, ds = fused.backward(u, v, scale, 0, "ieee", None, terms)
     assert du.shape == (0, 40) and torch.equal(dv.cpu(), torch.zeros(150, 40))
     assert ds.shape == () and float(ds) == 0.0
@@ -249,7 +275,7 @@ def test_strided_coefficients_and_scale_stays_on_device():
     fused = FusedKernels()
     uu, vv, ss = u.to(DEVICE), v.to(DEVICE), scale.to(DEVICE)
     diag = fused.forward(uu, vv, ss, 0, "ieee", None).diag
-    du, dv, ds = fused.backward(uu, vv, ss, 0, "ieee", None, GradientTerms(*dev, diag=diag))
+    du, dv, ds = fused.backward(uu, vv, ss, 0, "ieee", None, gradient_terms(dev, diag))
     assert ds.device.type == DEVICE
     assert rel_err(du.cpu(), want["du"]) < 1e-5 and rel_err(dv.cpu(), want["dv"]) < 1e-5
 
@@ -263,8 +289,11 @@ def emulated_ranks(kernels, u, v, scale, sizes, precision):
     """
     big = v.shape[0]
     stats, offsets = [], [sum(sizes[:r]) for r in range(len(sizes))]
+    pair_dot = []  # each "rank" its own pairs'; the forward's SUM all-reduce joins them
     for o, b in zip(offsets, sizes, strict=True):
         stats.append(kernels.forward(u[o : o + b], v, scale, o, precision, 5))
+        pair_dot.append(pair_dots(u[o : o + b], v[o : o + b], precision))
+    pair_dot = torch.cat(pair_dot)
     col_max = torch.stack([st.col_max for st in stats]).amax(0)
     col_sum = torch.zeros_like(col_max)
     for o, b, st in zip(offsets, sizes, stats, strict=True):
@@ -274,9 +303,9 @@ def emulated_ranks(kernels, u, v, scale, sizes, precision):
     w = 1.0 / (2 * big)
     du, dv, dscale = [], torch.zeros_like(v), 0.0
     for o, b, st in zip(offsets, sizes, stats, strict=True):
-        terms = GradientTerms(
-            st.row_max, w / st.row_sum, col_max, w / col_sum, torch.full((b,), 2 * w), st.diag
-        )
+        pos_weight = torch.full((b,), 2 * w)
+        coefs = (st.row_max, w / st.row_sum, col_max, w / col_sum, pos_weight)
+        terms = GradientTerms(*coefs, diag=st.diag, pair_dot=pair_dot)
         grads = kernels.backward(u[o : o + b], v, scale, o, precision, 5, terms)
         du.append(grads[0])
         dv += grads[1]
@@ -297,6 +326,8 @@ def test_every_pass_at_the_cap_across_ranks(kind, plan, sizes):
 
     The column programs must build each positive's ``G`` from the owner's forward logit:
     a recomputed one rounded differently leaves ``eps * scale`` where the truth is ~0.
+    ``dscale`` (the loss is ~1e-20 for the aligned pairs) must keep its digits, with its
+    columns' positives on other ranks.
     """
     u, v = unit_pairs(sum(sizes), 16, seed=7, kind=kind)
     u, v = u.to(DEVICE), v.to(DEVICE)
@@ -306,12 +337,18 @@ def test_every_pass_at_the_cap_across_ranks(kind, plan, sizes):
     plain = emulated_ranks(ChunkedKernels(), u, v, scale, sizes, "ieee")
     for name, k in (("du", 0), ("dv", 1)):
         testing.check_tensor(f"{plan} {name}", ours[k].cpu(), plain[k].cpu(), exact_g[k])
+    for name, result in (("fused", ours), ("chunked", plain)):
+        testing.check_scalar(f"{plan} {name} dscale", result[2].cpu(), *exact_g[2:])
 
 
 def _exact_clip_gradients(u, v, scale):
-    """float64 ``dL/dU``, ``dL/dV`` of the CLIP loss on unit rows (no normalisation)."""
-    ref = testing.reference(u.cpu(), v.cpu(), math.log(scale), normalize=False)
-    return ref.d_img, ref.d_txt
+    """float64 ``dL/dU``, ``dL/dV`` and ``dL/ds`` of the CLIP loss on unit rows (no
+    normalisation), and the bound on fp32's ``dL/ds``."""
+    ref = testing.reference(
+        u.cpu(), v.cpu(), math.log(scale), normalize=False, scale_cap="straight_through"
+    )
+    raw = math.exp(math.log(scale))  # d/dlog(s) = raw * dL/ds
+    return ref.d_img, ref.d_txt, ref.d_scale / raw, ref.d_scale_bound / raw
 
 
 def test_a_recomputed_positive_would_fail_the_rule():
@@ -331,6 +368,7 @@ def test_a_recomputed_positive_would_fail_the_rule():
         w / col_sum,
         torch.full((67,), 2 * w),
         nudged,
+        pair_dots(u, v, "ieee"),
     )
     du = kernels.backward(u, v, scale, 0, "ieee", None, terms)[0]
     plain = emulated_ranks(kernels, u, v, scale, [67], "ieee")[0]

@@ -6,7 +6,8 @@ forward
   1. all-gather the texts: ``V_all`` (``B x D``); images never leave the rank;
   2. kernel pass over ``S_r = s * U_r V_all^T``: row log-sum-exps (complete), column
      partial log-sum-exps over the local rows, maxima and the positives;
-  3. one MAX all-reduce and one SUM all-reduce complete the column log-sum-exps;
+  3. one MAX all-reduce and one SUM all-reduce complete the column log-sum-exps (the
+     SUM also brings every global pair's ``<u_k, v_k>``, for the temperature's gradient);
   4. rank ``r`` returns ``N * share_r``; the metrics are reduced with one more small
      all-reduce.
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from .backends.base import ForwardStats, GradientTerms, Kernels
 from .distributed import Layout, all_gather_scalar, all_reduce_, gather_rows, reduce_scatter_rows
+from .precision import round_to_tf32
 
 
 @dataclass(frozen=True)
@@ -113,21 +115,33 @@ def nll_terms(row_max: torch.Tensor, neg: torch.Tensor, diag: torch.Tensor) -> t
     return torch.where(gap > 0, gap + torch.log(torch.exp(-gap) + neg), torch.log1p(neg))
 
 
-def complete_columns(stats: ForwardStats, layout: Layout):
-    """Global column ``(max, negatives' sum, sum)`` from every rank's partials.
+def pair_dots(u: torch.Tensor, v: torch.Tensor, precision: str) -> torch.Tensor:
+    """``<u_i, v_i>`` of each local pair from operands rounded as the products' are (exact
+    fp32 products of tf32/bf16 values), for the temperature's gradient (:mod:`.backends.base`)."""
+    if precision == "bf16":
+        u, v = u.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
+    elif precision == "tf32":
+        u, v = round_to_tf32(u), round_to_tf32(v)
+    return torch.linalg.vecdot(u, v)
 
-    One MAX all-reduce, then one SUM all-reduce of both sums: each rank adds its own
-    columns' positives (which only it computed) to the full sums.
+
+def complete_columns(stats: ForwardStats, pairs: torch.Tensor, layout: Layout):
+    """Global column ``(max, negatives' sum, sum)`` from every rank's partials, and every
+    global pair's similarity from each rank's ``pairs`` (:func:`pair_dots`).
+
+    One MAX all-reduce, then one SUM all-reduce: each rank adds its own columns' positives
+    (which only it computed) to the full sums, and its pairs' similarities to zeros.
     """
     offset, b = layout.offset, layout.b_local
     global_max = all_reduce_(stats.col_max.clone(), layout, dist.ReduceOp.MAX)
-    sums = torch.stack([stats.col_neg, stats.col_neg])
+    sums = torch.stack([stats.col_neg, stats.col_neg, torch.zeros_like(stats.col_neg)])
     sums[1, offset : offset + b] += torch.exp(stats.diag - stats.col_max[offset : offset + b])
     # A rank with no rows has partials (-inf, 0): its rescaled sums are 0 * 0 = 0. The
     # global max itself is finite, since every column has a row on some rank.
-    sums *= torch.exp(stats.col_max - global_max)
+    sums[:2] *= torch.exp(stats.col_max - global_max)
+    sums[2, offset : offset + b] = pairs
     all_reduce_(sums, layout)
-    return global_max, sums[0], sums[1]
+    return global_max, sums[0], sums[1], sums[2]
 
 
 def _unit_inputs(ctx, image, text, opts: PassOptions):
@@ -175,7 +189,8 @@ class SinglePassLoss(torch.autograd.Function):
         u, v_all = _unit_inputs(ctx, image, text, opts)
         offset, b, B = layout.offset, layout.b_local, layout.b_global
         stats = opts.kernels.forward(u, v_all, scale, offset, opts.precision, opts.chunk_size)
-        col_max, col_neg, col_sum = complete_columns(stats, layout)
+        pairs = pair_dots(u, v_all[offset : offset + b], opts.precision)
+        col_max, col_neg, col_sum, pair_dot = complete_columns(stats, pairs, layout)
 
         row_terms = nll_terms(stats.row_max, stats.row_neg, stats.diag)
         col_terms = nll_terms(
@@ -194,7 +209,7 @@ class SinglePassLoss(torch.autograd.Function):
 
         ctx.opts = opts
         ctx.save_for_backward(
-            u, v_all, scale, stats.row_max, stats.row_sum, col_max, col_sum, stats.diag
+            u, v_all, scale, stats.row_max, stats.row_sum, col_max, col_sum, stats.diag, pair_dot
         )
         ctx.mark_non_differentiable(sums)
         return layout.world_size * share, sums
@@ -211,7 +226,7 @@ class SinglePassLoss(torch.autograd.Function):
     def _backward(ctx, grad_loss):
         opts = ctx.opts
         layout = opts.layout
-        u, v_all, scale, row_max, row_sum, col_max, col_sum, diag = ctx.saved_tensors
+        u, v_all, scale, row_max, row_sum, col_max, col_sum, diag, pair_dot = ctx.saved_tensors
         # Each rank's share is weighted by its own upstream gradient (loss weights,
         # accumulation): gather them so every rank can weight every column.
         upstream = all_gather_scalar(grad_loss.detach().float(), layout)
@@ -219,14 +234,10 @@ class SinglePassLoss(torch.autograd.Function):
         offset, b = layout.offset, layout.b_local
         w_row = weights[layout.rank].expand(b)
         w_col = weights[layout.owner_of_columns(weights.device)]
-        terms = GradientTerms(
-            row_shift=row_max,
-            row_coef=w_row / row_sum,
-            col_shift=col_max,
-            col_coef=w_col / col_sum,
-            pos_weight=w_row + w_col[offset : offset + b],
-            diag=diag,
-        )
+        # (shift, coef) of the rows, then of the columns: base.GradientTerms' order.
+        coefs = (row_max, w_row / row_sum, col_max, w_col / col_sum)
+        pos_weight = w_row + w_col[offset : offset + b]
+        terms = GradientTerms(*coefs, pos_weight=pos_weight, diag=diag, pair_dot=pair_dot)
         du, dv_partial, dscale = opts.kernels.backward(
             u, v_all, scale, offset, opts.precision, opts.chunk_size, terms
         )

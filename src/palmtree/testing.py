@@ -24,14 +24,20 @@ How close an fp32 result must be (docs/design.md, "What exact means"):
   bound is relative to the loss (no absolute allowance above fp32's underflow), so a
   small loss must keep its digits too. It is a worst case, not a typical error:
   correct fp32 code sits far inside it; the defects it exists for (an ``lse - logit``
-  cancelling at magnitude ``scale``) leave it by orders of magnitude.
+  cancelling at magnitude ``scale``) leave it by orders of magnitude. The CLIP
+  temperature's gradient is formed, here as in the backends, from each similarity's
+  difference to its row's and its column's positive (:mod:`palmtree.backends.base`),
+  and bounded as formed: at a peaked softmax that too is relative to the value, which
+  ``sum G * (U V^T)``, cancelling to ``eps / loss``, is not.
 * **Gradient tensors** must be within ``2 x`` the error of a plain fp32 computation of
   the same gradient (materialised logits, autograd), plus ``1e-6`` of their largest
   entry: :func:`check_tensor`. This is the maximum over many entries, each carrying the
   rounding of its logits; a correct implementation has the same error distribution
   as the plain one, so its maximum lies within a small factor of the plain maximum.
   It catches gradients normalised inconsistently (a positive's ``p - 1`` left with
-  ``eps * scale`` of error where the truth is ~0) by orders of magnitude.
+  ``eps * scale`` of error where the truth is ~0) by orders of magnitude. Where the
+  truth is exactly 0 (raw-feature gradients at ``D = 1``) the ``1e-6`` is of a ``size``
+  given instead: :func:`tensor_bound`.
 """
 
 from __future__ import annotations
@@ -101,7 +107,11 @@ class Reference:
     ``loss`` is the global loss (the shares' sum), ``shares[r]`` rank ``r``'s part of it
     (what rank ``r`` returns is ``N * shares[r]``), ``d_img``/``d_txt``/``d_scale`` the
     gradients of ``J`` w.r.t. the raw features and the *log* scale. ``*_bound`` bound the
-    error of an fp32 computation of the same value (module docstring).
+    error of an fp32 computation of the same value (module docstring). ``d_img_size`` and
+    ``d_txt_size`` are the largest entries of the raw-feature gradients before the
+    normalisation's projection removes each row's radial part (:func:`tensor_bound`'s
+    ``size``): at ``D = 1`` it removes everything, the truth is 0 and an fp32 gradient is
+    only that projection's rounding, a few ulps of this size.
     """
 
     loss: torch.Tensor
@@ -114,6 +124,8 @@ class Reference:
     loss_bound: float
     share_bounds: torch.Tensor
     d_scale_bound: float
+    d_img_size: float
+    d_txt_size: float
 
 
 @dataclass
@@ -175,6 +187,17 @@ class _Problem:
         return _unit_backward(d_u, self.u, self.divisors[0]), _unit_backward(
             d_v, self.v, self.divisors[1]
         )
+
+    def input_sizes(self, d_u, d_v) -> tuple[float, float]:
+        """The largest entry of each raw-feature gradient before the normalisation's
+        projection, ``|dJ/du| / divisor``: what that projection's fp32 rounding is
+        relative to (:class:`Reference`'s ``d_img_size``)."""
+        grads = (
+            (d_u, d_v)
+            if self.divisors is None
+            else (d_u / self.divisors[0], d_v / self.divisors[1])
+        )
+        return tuple(float(g.abs().max()) if g.numel() else 0.0 for g in grads)
 
 
 def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,30 +284,8 @@ def reference(
         col_mean_e += (p_col * e).sum(0)
 
     # Pass 3: G = dJ/dS, the feature gradients, dJ/ds, and the bound on fp32's dJ/ds.
-    d_u = torch.zeros_like(u)
-    d_v = torch.zeros_like(v)
-    g_dot = ds_bound = 0.0
+    d_u, d_v, g_dot, ds_bound = _clip_backward(p, w, err, row_lse, col_lse, col_mean_e)
     form = gamma(3 * B + 3)  # forming exp, the sums and the log of one term
-    for i0, i1 in rows_of:
-        dot = u[i0:i1] @ v.T
-        sb, e, pos = s * dot, err.block(i0, i1), _positives(i0, i1, dev)
-        p_row = torch.exp(sb - row_lse[i0:i1, None])
-        p_col = torch.exp(sb - col_lse[None, :])
-        g = w[i0:i1, None] * p_row + w[None, :] * p_col
-        g[pos] -= 2 * w[i0:i1]
-        d_u[i0:i1] = s * g @ v
-        d_v += s * g.T @ u[i0:i1]
-        g_dot += float((g * dot).sum())
-
-        row_mean_e = (p_row * e).sum(1)
-        dg = w[i0:i1, None] * _softmax_error(p_row, e, row_mean_e[:, None], pos, row_mean_e, form)
-        dg += w[None, :] * _softmax_error(
-            p_col, e, col_mean_e[None, :], pos, col_mean_e[i0:i1], form
-        )
-        dg += UNIT_ROUNDOFF * (g.abs() + w[i0:i1, None] * p_row + w[None, :] * p_col)
-        dg += 4 * UNDERFLOW
-        ds_bound += float((dg * dot.abs()).sum() + (g.abs() * e).sum() / s)
-        ds_bound += gamma(2 * B + 2) * float((g * dot).abs().sum())
 
     loss_i2t, loss_t2i = t_row.sum() / B, t_col.sum() / B
     per_term = sens_row + sens_col + form * (t_row + t_col) + 8 * UNDERFLOW
@@ -305,6 +306,7 @@ def reference(
         d_scale = raw_scale * g_dot
         d_scale_bound = raw_scale * ds_bound + gamma(3) * abs(d_scale)
     d_img, d_txt = p.input_grads(d_u, d_v)
+    d_img_size, d_txt_size = p.input_sizes(d_u, d_v)
     return Reference(
         loss=shares.sum(),
         loss_i2t=loss_i2t,
@@ -316,6 +318,8 @@ def reference(
         loss_bound=loss_bound,
         share_bounds=share_bounds,
         d_scale_bound=d_scale_bound,
+        d_img_size=d_img_size,
+        d_txt_size=d_txt_size,
     )
 
 
@@ -330,9 +334,66 @@ class _LogitErrors:
         self.abs_u, self.abs_v = u.abs(), v.abs()
         self.s, self.per_product = s, gamma(2 * dim + 4) + 2.01 * unit
 
+    def dot_block(self, i0: int, i1: int) -> torch.Tensor:
+        """The bound on the fp32 similarities ``U V^T`` of rows ``[i0, i1)``, unscaled."""
+        return self.per_product * (self.abs_u[i0:i1] @ self.abs_v.T)
+
     def block(self, i0: int, i1: int) -> torch.Tensor:
-        a = self.abs_u[i0:i1] @ self.abs_v.T
-        return self.s * (self.per_product * a + gamma(5))
+        return self.s * (self.dot_block(i0, i1) + gamma(5))
+
+
+def _clip_backward(p: _Problem, w, err: _LogitErrors, row_lse, col_lse, col_mean_e):
+    """``(dJ/dU, dJ/dV, dJ/ds, bound on fp32's dJ/ds)`` of the CLIP loss, in row blocks.
+
+    ``dJ/ds`` is formed as the backends form it (:mod:`palmtree.backends.base`): each
+    similarity against its row's and its column's positive, the positives' own terms left
+    out. ``sum G * (U V^T)`` would cancel at a peaked softmax in float64 too (``1e-16 /
+    loss`` relative: nothing left of a loss of 1e-20); this keeps the truth's digits.
+    """
+    u, v, s, B, dev = p.u, p.v, p.s, p.B, p.device
+    pair = torch.linalg.vecdot(u, v)  # <u_k, v_k>: row k's and column k's positive
+    pair_err = err.per_product * torch.linalg.vecdot(u.abs(), v.abs())
+    form = gamma(B + 2 * len(p.sizes) + 4)  # S - shift, exp, the sums, coef and product
+    d_u, d_v = torch.zeros_like(u), torch.zeros_like(v)
+    g_dot = ds_bound = 0.0
+    for i0, i1 in p.rows_of:
+        dot = u[i0:i1] @ v.T
+        sb, e, pos = s * dot, err.block(i0, i1), _positives(i0, i1, dev)
+        p_row = torch.exp(sb - row_lse[i0:i1, None])
+        p_col = torch.exp(sb - col_lse[None, :])
+        g = w[i0:i1, None] * p_row + w[None, :] * p_col
+        g[pos] -= 2 * w[i0:i1]
+        d_u[i0:i1] = s * g @ v
+        d_v += s * g.T @ u[i0:i1]
+        e_dot = err.dot_block(i0, i1)
+        row_mean_e = (p_row * e).sum(1, keepdim=True)
+        sides = (
+            (w[i0:i1, None], p_row, pair[i0:i1, None], pair_err[i0:i1, None], row_mean_e),
+            (w[None, :], p_col, pair[None, :], pair_err[None, :], col_mean_e[None, :]),
+        )
+        for weight, prob, positive, positive_err, mean_e in sides:
+            diff = dot - positive
+            diff_err = e_dot + positive_err + UNIT_ROUNDOFF * diff.abs()
+            d_prob = prob * (e + mean_e + form)
+            value, bound = _scale_terms(weight, prob, diff, d_prob, diff_err, pos, 2 * B + 2)
+            g_dot += value
+            ds_bound += bound
+    return d_u, d_v, g_dot, ds_bound
+
+
+def _scale_terms(weight, prob, diff, d_prob, diff_err, pos, n: int) -> tuple[float, float]:
+    """``sum weight * prob * diff`` off the positives ``pos``, and the bound on its fp32
+    value when ``prob`` and ``diff`` are off by up to ``d_prob`` and ``diff_err``: each
+    term moves by ``|weight| (d_prob |diff| + prob diff_err)``, its two products round
+    (``gamma(2)``) and may underflow, and the sum of ``n`` terms adds ``gamma(n)`` times
+    their absolute sum. Where the terms share a sign (a peaked softmax) that is relative
+    to the value; where they do not, it is what any formation's sum gets."""
+    terms = weight * prob * diff
+    terms[pos] = 0.0
+    err = weight.abs() * (d_prob * diff.abs() + prob * diff_err) + gamma(2) * terms.abs()
+    err += 2 * UNDERFLOW * ((1 + weight.abs()) * diff.abs() + 1)
+    err[pos] = 0.0
+    return float(terms.sum()), float(err.sum()) + gamma(n) * float(terms.abs().sum())
 
 
 def _positives(i0: int, i1: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,6 +513,8 @@ class SigLipReference:
     share_bounds: torch.Tensor
     d_scale_bound: float
     d_bias_bound: float
+    d_img_size: float
+    d_txt_size: float
 
 
 def siglip_reference(
@@ -530,6 +593,7 @@ def siglip_reference(
         d_scale_bound = raw_scale * ds_b + gamma(3) * abs(d_scale)
     f64 = dict(dtype=torch.float64, device=dev)
     d_img, d_txt = p.input_grads(d_u, d_v)
+    d_img_size, d_txt_size = p.input_sizes(d_u, d_v)
     return SigLipReference(
         loss=torch.tensor(total / B, **f64),
         loss_pos=torch.tensor(pos / B, **f64),
@@ -545,6 +609,8 @@ def siglip_reference(
         share_bounds=share_bounds,
         d_scale_bound=d_scale_bound,
         d_bias_bound=db_b,
+        d_img_size=d_img_size,
+        d_txt_size=d_txt_size,
     )
 
 
@@ -637,18 +703,35 @@ def check_scalar(name: str, ours, exact: torch.Tensor, bound: float) -> float:
     return err
 
 
-def tensor_bound(plain, exact: torch.Tensor, factor: float = 2.0, rel: float = 1e-6) -> float:
+def tensor_bound(
+    plain, exact: torch.Tensor, factor: float = 2.0, rel: float = 1e-6, size: float = 0.0
+) -> float:
     """What a gradient tensor may be off by: ``factor * max|plain - exact| + rel * max|exact|``
-    (NaN if ``plain`` holds a NaN, so nothing passes against it)."""
+    (NaN if ``plain`` holds a NaN, so nothing passes against it).
+
+    Where the truth is exactly 0 everywhere, ``rel`` is of ``size`` instead: what the
+    rounding is relative to there. A raw-feature gradient at ``D = 1`` is such a case
+    (:class:`Reference`'s ``d_img_size``): the normalisation's projection removes all of
+    it, every fp32 formation leaves up to 2 ulps of each row's gradient before the
+    projection, and on which rows those land differs between formations, so the plain
+    maximum alone is no stable measure.
+    """
     scale = float(exact.detach().double().abs().max()) if exact.numel() else 0.0
-    return factor * max_error(plain, exact) + rel * scale
+    return factor * max_error(plain, exact) + rel * (scale if scale > 0 else size)
 
 
 def check_tensor(
-    name: str, ours, plain: torch.Tensor, exact: torch.Tensor, factor: float = 2.0, rel=1e-6
+    name: str,
+    ours,
+    plain: torch.Tensor,
+    exact: torch.Tensor,
+    factor: float = 2.0,
+    rel=1e-6,
+    size: float = 0.0,
 ) -> float:
-    """Asserts ``max|ours - exact| <= factor * max|plain - exact| + rel * max|exact|``."""
-    bound = tensor_bound(plain, exact, factor, rel)
+    """Asserts ``max|ours - exact| <= factor * max|plain - exact| + rel * max|exact|``, with
+    ``size`` for ``max|exact|`` where the truth is exactly 0 (:func:`tensor_bound`)."""
+    bound = tensor_bound(plain, exact, factor, rel, size)
     err = max_error(ours, exact)
     if not err <= bound:
         raise AssertionError(

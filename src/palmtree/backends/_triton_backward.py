@@ -8,16 +8,14 @@ accumulates a gradient for and the *other* side the one it streams,
 
 where ``S`` at a positive is the forward's ``diag[x + pos_w_shift]`` rather than the
 recomputed product (the sums and maxima were made from that value; see
-:mod:`palmtree.backends.base`). The column programs recompute ``S^T`` tiles as ``V U^T``,
-which may round differently from the forward's ``U V^T``: off the positives that changes
-``G`` by a relative ``eps * scale``, as any fp32 logit's rounding does; at a positive it
-would not cancel.
-
-so one kernel serves the rows (own = ``U``) and the columns (own = ``V``, the tile being
-``S^T``). A program owns ``BLOCK_OWN`` rows of its side and a range of the other side's
-tiles; for each tile it recomputes ``S`` (one product, in the forward's ``D`` chunks so
-the tile is the forward's), builds ``G`` with the positives folded in and adds
-``G @ other`` to a ``BLOCK_OWN x D`` fp32 accumulator in registers (one product).
+:mod:`palmtree.backends.base`). So one kernel serves the rows (own = ``U``) and the
+columns (own = ``V``, the tile being ``S^T``). A program owns ``BLOCK_OWN`` rows of its
+side and a range of the other side's tiles; for each tile it recomputes ``S`` as the
+forward made it (``(U rows) x (V rows)^T`` in the forward's ``D`` chunks, transposed
+afterwards when the program owns columns), builds ``G`` with the positives folded in and
+adds ``G @ other`` to a ``BLOCK_OWN x D`` fp32 accumulator in registers (one product).
+The row programs also sum the temperature's gradient, each similarity against its row's
+and its column's positive (``PAIR_DOT``; base.py), from the same tile.
 Programs that split the other side write separate partials the host sums, so the
 result does not depend on scheduling. Optionally (``OTHER_GRAD``) the same program adds
 ``G^T @ own`` to the other side's gradient with fp32 atomics (one more product, in
@@ -48,6 +46,7 @@ def _grad_kernel(
     OTHER_COEF,
     POS_WEIGHT,
     DIAG,
+    PAIR_DOT,
     BIAS,
     D_OWN,
     D_OTHER,
@@ -90,6 +89,9 @@ def _grad_kernel(
     pos_ok = own_ok & (pos_at >= 0) & (pos_at < n_pos)
     pos_w = tl.load(POS_WEIGHT + pos_at, mask=pos_ok, other=0.0)
     pos_s = tl.load(DIAG + pos_at, mask=pos_ok, other=0.0)
+    if WITH_DSCALE and not SIGMOID:
+        # <u, v> of each own row's pair (its positive is other row own + pos_shift).
+        own_pair = tl.load(PAIR_DOT + own + pos_shift, mask=pos_ok, other=0.0)
 
     d_own = tl.zeros((BLOCK_OWN, BLOCK_D), tl.float32)
     ds = tl.zeros((BLOCK_OWN,), tl.float32)
@@ -138,16 +140,27 @@ def _grad_kernel(
             sig = tl.sigmoid(tl.where(positive, -logit, logit))
             w_row = o_coef[:, None] if OWN_IS_U else t_coef[None, :]
             g = w_row * tl.where(positive, -sig, sig)
-        else:
-            t_shift = tl.load(OTHER_SHIFT + oth, mask=oth_ok, other=float("inf"))
-            g = o_coef[:, None] * tl.exp(s - o_shift[:, None])
-            g += t_coef[None, :] * tl.exp(s - t_shift[None, :])
-            g = tl.where(positive, g - pos_w[:, None], g)
-        if WITH_DSCALE:
-            # d/dscale is sum(G * (U V^T)): no division by a scale that may be 0.
-            ds += tl.sum(g * dot, axis=1)
-            if SIGMOID:
+            if WITH_DSCALE:  # d/dscale = sum(G * (U V^T)): no division by a scale that may be 0
+                ds += tl.sum(g * dot, axis=1)
                 db += tl.sum(g, axis=1)
+        else:
+            # d/dscale (WITH_DSCALE) measures each similarity against its row's and its
+            # column's positive (base.py): a peaked softmax's terms then share a sign
+            # where sum(G * (U V^T)) would cancel to the loss. Each part is reduced as
+            # soon as it is made, the columns' first: of the orders tried, the one that
+            # spills on no launch that did not (docs/kernels.md).
+            t_shift = tl.load(OTHER_SHIFT + oth, mask=oth_ok, other=float("inf"))
+            p_oth = t_coef[None, :] * tl.exp(s - t_shift[None, :])
+            if WITH_DSCALE:
+                oth_pair = tl.load(PAIR_DOT + oth, mask=oth_ok, other=0.0)
+                terms = tl.where(positive, 0.0, p_oth * (dot - oth_pair[None, :]))
+                ds += tl.sum(terms, axis=1)
+            p_own = o_coef[:, None] * tl.exp(s - o_shift[:, None])
+            if WITH_DSCALE:
+                terms = tl.where(positive, 0.0, p_own * (dot - own_pair[:, None]))
+                ds += tl.sum(terms, axis=1)
+            g = p_own + p_oth
+            g = tl.where(positive, g - pos_w[:, None], g)
 
         gq = round_operand(g, PRECISION)
         d_own = mma(gq, y, d_own, PRECISION, INTERPRET)
@@ -223,14 +236,16 @@ def _own_grad(
     d_other=None,
     with_dscale=False,
     bias=None,
+    pair_dot=None,
 ):
-    """``scale * G @ other`` for every row of ``own``, and ``sum(G * own other^T)``.
+    """``scale * G @ other`` for every row of ``own``, and ``dscale`` (base.py).
 
     ``own_terms``/``other_terms`` are the ``(shift, coef)`` pairs of the two sides;
     ``own_is_u`` says whether ``own`` holds the image rows (else the text rows).
     With ``d_other``, the same programs also add ``scale * G^T @ own`` into it atomically.
     With ``bias`` (a 0-dim tensor) ``G`` is the sigmoid loss's, the coefficients being the
-    row weights. Returns ``(grad, dscale, dbias)`` (the sums ``None`` unless
+    row weights, and ``dscale = sum(G * own other^T)``; without it the softmax's ``dscale``
+    reads ``pair_dot``. Returns ``(grad, dscale, dbias)`` (the sums ``None`` unless
     ``with_dscale``; ``dbias`` only with ``bias``).
     """
     n_own, dim = own.shape
@@ -252,6 +267,7 @@ def _own_grad(
         OTHER_COEF=other_terms[1],
         POS_WEIGHT=pos.weight,
         DIAG=pos.diag if pos.diag is not None else pos.weight,  # unread without a diag
+        PAIR_DOT=pair_dot if pair_dot is not None else pos.weight,  # read only by dscale
         BIAS=bias if bias is not None else scale,
         D_OWN=partials,
         D_OTHER=d_other if d_other is not None else partials,
@@ -290,7 +306,9 @@ def backward_grads(block, terms):
     """``(dU, dV_partial, dscale)`` of the base.py contract for a :class:`~.fused.Block` and
     fp32 :class:`palmtree.backends.base.GradientTerms`."""
     rows, cols = (terms.row_shift, terms.row_coef), (terms.col_shift, terms.col_coef)
-    du, dv, dscale, _ = _both_sides(block, rows, cols, terms.pos_weight, terms.diag)
+    du, dv, dscale, _ = _both_sides(
+        block, rows, cols, terms.pos_weight, terms.diag, pair_dot=terms.pair_dot
+    )
     return du, dv, dscale
 
 
@@ -303,14 +321,14 @@ def sigmoid_backward_grads(block, bias, row_weight):
     return _both_sides(block, rows, cols, row_weight, None, bias)
 
 
-def _both_sides(block, rows, cols, pos_weight, diag, bias=None):
+def _both_sides(block, rows, cols, pos_weight, diag, bias=None, pair_dot=None):
     """dU from programs owning rows, dV from programs owning columns (or atomically).
 
     Row ``i``'s positive is column ``offset + i``; column ``j``'s is row ``j - offset``,
     whose weight and forward logit are indexed by that row.
     """
     uq, vq, scale, offset = block.uq, block.vq, block.scale, block.offset
-    common = dict(precision=block.precision, plan=block.plan, bias=bias)
+    common = dict(precision=block.precision, plan=block.plan, bias=bias, pair_dot=pair_dot)
     row_pos = _Positives(pos_weight, diag, offset, 0)
     if block.plan.bwd_mode == "atomic":
         dv = torch.zeros(vq.shape, dtype=torch.float32, device=vq.device)

@@ -19,8 +19,21 @@ column, and builds
             - [j == offset + i] * pos_weight[i]
 
 then returns ``dU = scale * G @ V``, ``dV = scale * G^T @ U`` (this rank's partial for
-every column; the protocol sums the partials across ranks) and
-``dscale = sum_ij G[i, j] * (U V^T)[i, j]`` (no division by ``scale``, which may be 0).
+every column; the protocol sums the partials across ranks) and, with ``dot = U V^T``,
+
+    dscale = sum_{j != offset + i}   row_coef[i] exp(S[i, j] - row_shift[i]) (dot[i, j] - d[i])
+                                   + col_coef[j] exp(S[i, j] - col_shift[j]) (dot[i, j] - c[j])
+
+where ``c = pair_dot`` holds ``<u_k, v_k>`` of every global pair ``k`` and
+``d[i] = c[offset + i]`` (no division by ``scale``, which may be 0). With the protocol's
+coefficients each softmax sums to one and ``pos_weight`` is its two weights' sum, so this
+is ``sum_ij G[i, j] dot[i, j]`` with each positive's term spread over its row's and its
+column's differences. It is formed so because at a peaked softmax ``sum G * dot`` adds
+terms of size ``weight`` that cancel to ``weight * loss`` (``eps / loss`` relative
+accuracy: a sign can flip), while here every term of a peaked row has the same sign. Each
+difference carries its two dots' rounding anyway, so ``pair_dot`` may round differently
+from the tiles' products; the positive's own term is therefore left out, not formed as a
+difference that would not be exactly 0.
 
 Two rules keep ``G`` exact where it cancels (docs/design.md, "Recompute"):
 
@@ -85,7 +98,9 @@ class GradientTerms:
     """What :meth:`Kernels.backward` needs to rebuild ``G`` (all fp32; see the module docstring).
 
     row_shift, row_coef: [b]; col_shift, col_coef: [B]; pos_weight: [b], subtracted at
-    each local row's positive; diag: [b], the forward's positive logits.
+    each local row's positive; diag: [b], the forward's positive logits; pair_dot: [B],
+    ``<u_k, v_k>`` of every global pair from the rounded operands (``dscale``'s
+    differences; computed by the rank holding pair ``k``).
     """
 
     row_shift: torch.Tensor
@@ -94,11 +109,12 @@ class GradientTerms:
     col_coef: torch.Tensor
     pos_weight: torch.Tensor
     diag: torch.Tensor
+    pair_dot: torch.Tensor
 
     def to_f32(self) -> GradientTerms:
         """Detached, contiguous fp32 copies (views the protocol hands in may be strided)."""
         fields = (self.row_shift, self.row_coef, self.col_shift, self.col_coef)
-        rest = (self.pos_weight, self.diag)
+        rest = (self.pos_weight, self.diag, self.pair_dot)
         return GradientTerms(*(t.detach().to(torch.float32).contiguous() for t in fields + rest))
 
 

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from ..precision import cast_operand, fp32_matmul_mode, mm
 from .base import ForwardStats, GradientTerms, SigmoidStats, zero_grads
 
-#: Bytes of ``b x chunk`` temporaries alive at once: the backward's three fp32 buffers
-#: (logits, gradient, scratch) and a rounded copy of the gradient in tf32/bf16 modes.
+#: Bytes of ``b x chunk`` temporaries alive at once: the backward's four fp32 buffers
+#: (product, gradient, scratch, the temperature's terms); in tf32/bf16 modes the rounded
+#: copy of the gradient takes the freed product's place.
 _BYTES_PER_LOGIT = 4 * 4
 _DEFAULT_BUDGET = {"cpu": 32 << 20, "cuda": 1 << 30}
 
@@ -87,23 +88,31 @@ class ChunkedKernels:
         chunk = chunk_size or auto_chunk_size(b, big, u.device)
         uq = cast_operand(u, precision)
         row_shift, row_coef = terms.row_shift[:, None], terms.row_coef[:, None]
-        g = scratch = None
+        row_dot = terms.pair_dot[offset : offset + b, None]
+        g = scratch = tmp = None
         for c0 in range(0, big, chunk):
             c1 = min(c0 + chunk, big)
             vq = cast_operand(v[c0:c1], precision)
             # The same call and shapes as the forward, so S rounds as it did there.
             dot = mm(uq, vq.T, precision)
-            g, scratch = _buffer(g, dot), _buffer(scratch, dot)
+            g, scratch, tmp = _buffer(g, dot), _buffer(scratch, dot), _buffer(tmp, dot)
             s = torch.mul(dot, scale, out=g)
             where = _diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
                 s[where[0], where[1]] = terms.diag[where[0]]
-            torch.sub(s, terms.col_shift[None, c0:c1], out=scratch).exp_()
-            scratch.mul_(terms.col_coef[None, c0:c1])
-            g = s.sub_(row_shift).exp_().mul_(row_coef).add_(scratch)
+            p_col = torch.sub(s, terms.col_shift[None, c0:c1], out=scratch).exp_()
+            p_col.mul_(terms.col_coef[None, c0:c1])
+            p_row = s.sub_(row_shift).exp_().mul_(row_coef)
+            # Each similarity against its row's and its column's positive (base.py): at a
+            # peaked softmax the terms share a sign, where sum(G * dot) would cancel.
+            row_terms = torch.sub(dot, row_dot, out=tmp).mul_(p_row)
+            dscale += _negatives(row_terms, where).sum()
+            col_terms = dot.sub_(terms.pair_dot[None, c0:c1]).mul_(p_col)
+            dscale += _negatives(col_terms, where).sum()
+            del dot, col_terms  # in tf32/bf16 modes the rounded gradient takes this memory
+            g = p_row.add_(p_col)
             if where is not None:
                 g[where[0], where[1]] -= terms.pos_weight[where[0]]
-            dscale += torch.mul(g, dot, out=scratch).sum()
             _add_products(du, dv[c0:c1], cast_operand(g, precision), uq, vq, precision)
         return du.mul_(scale), dv.mul_(scale), dscale
 
