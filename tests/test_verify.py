@@ -105,6 +105,17 @@ def test_table_and_a_wrong_or_nan_gradient_on_one_rank_fails(capsys):
         assert cells[d_scale] == "nan/inf" and cells[-2:] == ["-", "FAIL"], cells
 
 
+def test_dim_one_passes_on_three_ranks(capsys):
+    """At D = 1 every unit vector is +-1 and every logit +-s: ties in every row, and a
+    normalisation whose projection leaves every feature gradient exactly 0, so that an
+    fp32 one is only that projection's rounding (a few ulps of the gradient before it)."""
+    code, out, _ = run(capsys, "--nproc", "3", "--dim", "1", "--json")
+    report = json.loads(out)
+    failed = [r for r in report["rows"] if not r["passed"]]
+    assert code == 0 and report["ok"] and not failed, failed
+    assert len(report["rows"]) == 24
+
+
 def test_losses_selects_the_rows(capsys):
     code, out, _ = run(
         capsys, "--nproc", "1", "--json", "--losses", "siglip", "--precisions", "ieee"
@@ -151,6 +162,31 @@ def test_a_gradient_tensor_passes_within_twice_plain_fp32():
     for ours, passes in ((plain["d_img"], True), (plain["d_img"] + 3 * bound, False)):
         err = testing.max_error(ours, ref.d_img)
         assert (rules.Comparison("d_image", err, bound, scale).figures()[0] <= 1) is passes
+
+
+def test_a_gradient_the_projection_zeroes_is_held_to_its_size():
+    """D = 1: the truth of each feature gradient is exactly 0, and plain fp32's error is
+    rounding noise at a few rows; the bound adds ``1e-6`` of the gradient's size before
+    the projection (``d_img_size``) and still fails a result off by twice that."""
+    img, txt = testing.make_pairs(47, 1, seed=0, noise=checks.NOISE)
+    ref = testing.reference(img, txt, math.log(99.0))
+    plain = testing.plain_fp32(img, txt, math.log(99.0))
+    assert float(ref.d_img.abs().max()) == 0.0 and ref.d_img_size > 0
+    bound = testing.tensor_bound(plain["d_img"], ref.d_img, size=ref.d_img_size)
+    assert bound == pytest.approx(
+        2 * testing.max_error(plain["d_img"], 0 * ref.d_img) + 1e-6 * ref.d_img_size
+    )
+    off = torch.zeros_like(ref.d_img)
+    off[3] = 2e-6 * ref.d_img_size
+    testing.check_tensor("d_img", plain["d_img"], plain["d_img"], ref.d_img, size=ref.d_img_size)
+    with pytest.raises(AssertionError, match="d_img"):
+        testing.check_tensor("d_img", off, plain["d_img"], ref.d_img, size=ref.d_img_size)
+    # Where the truth is not 0 the size changes nothing.
+    img, txt = testing.make_pairs(47, 16, seed=0, noise=checks.NOISE)
+    ref = testing.reference(img, txt, math.log(99.0))
+    plain = testing.plain_fp32(img, txt, math.log(99.0))
+    unchanged = testing.tensor_bound(plain["d_img"], ref.d_img)
+    assert testing.tensor_bound(plain["d_img"], ref.d_img, size=ref.d_img_size) == unchanged
 
 
 @pytest.mark.parametrize("where", ["error", "bound", "size"])

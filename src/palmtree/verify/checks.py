@@ -111,7 +111,9 @@ def run_checks(rank: int, n: int, device, opts: Options, progress=lambda step: N
 class Truth:
     """The float64 truth of one case on the whole batch (``testing.Reference`` or
     ``testing.SigLipReference``, bounds for ``precision``), and the bounds of the two
-    gradient tensors from a plain fp32 computation with the same operand rounding."""
+    gradient tensors from a plain fp32 computation with the same operand rounding and
+    the gradients' sizes before the normalisation's projection
+    (:func:`palmtree.testing.tensor_bound`)."""
 
     exact: testing.Reference | testing.SigLipReference
     d_image_bound: float
@@ -146,7 +148,12 @@ class Truth:
                 f"{len(img)} x {len(img)} logits and does not fit on {img.device}; "
                 "use a smaller --batch"
             ) from exc
-        d_img, d_txt = (testing.tensor_bound(n * worst[k], n * v) for k, v in tensors.items())
+        # Where the truth is 0 (D = 1: the normalisation's projection removes it all),
+        # relative to the gradient before that projection: fp32 leaves its rounding.
+        d_img, d_txt = (
+            testing.tensor_bound(n * worst[k], n * v, size=n * getattr(exact, f"{k}_size"))
+            for k, v in tensors.items()
+        )
         return cls(exact, d_img, d_txt)
 
 

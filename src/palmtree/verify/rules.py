@@ -11,7 +11,9 @@ Each quantity of a row is one or more comparisons of a result with its float64 t
 * gradient tensors pass when ``max |ours - float64|`` is at most
   :func:`palmtree.testing.tensor_bound`: twice the error of a plain fp32 computation with
   the same operand rounding, plus ``1e-6`` of the largest entry (the rule of
-  :func:`palmtree.testing.check_tensor`).
+  :func:`palmtree.testing.check_tensor`); where the truth is exactly 0, as at ``D = 1``
+  where the normalisation's projection removes it all, of the largest entry before
+  that projection.
 
 A NaN or an infinity anywhere (in our result on any rank, in the truth, in a bound)
 fails the comparison: every figure that is not finite becomes ``inf`` before it is
