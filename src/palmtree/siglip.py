@@ -71,7 +71,7 @@ def siglip_loss(
     backend: str = "auto",
     precision: str | None = None,
     chunk_size: int | None = None,
-    logit_scale_max: float = 100.0,
+    logit_scale_max: float = math.inf,
     scale_cap: str = "clamp",
     normalize: bool = True,
     check_finite: bool = True,
@@ -82,6 +82,9 @@ def siglip_loss(
     Args:
         logit_scale: the *log* temperature (``s = min(exp(logit_scale), logit_scale_max)``).
         logit_bias: the bias ``b`` added to every logit (SigLIP initialises it to -10).
+        logit_scale_max: no cap by default (``inf``), as in SigLIP, HF's ``SiglipModel``
+            and open_clip's ``SigLipLoss``; a log-scale whose ``exp`` overflows fp32
+            (above 88.72) is then refused. Pass 100 for CLIP's cap.
         Everything else as in :func:`palmtree.clip_loss`: features ``[b, D]`` (or token
         latents ``[b, L, D]`` with ``text_mask``), any split over ranks including empty
         ones, every backend, the same checks and the same errors on every rank.
@@ -161,8 +164,9 @@ def siglip_loss_with(
 class SigLipLoss(Projections):
     """SigLIP loss with a learnable temperature and bias, and optional projections.
 
-    Owns ``logit_scale`` (log space, initialised to ``ln 10``) and ``logit_bias``
-    (initialised to -10), as SigLIP does, and the projections of :class:`ClipLoss` when
+    Owns ``logit_scale`` (log space, initialised to ``ln 10``, not capped unless
+    ``logit_scale_max`` is given) and ``logit_bias`` (initialised to -10), as SigLIP does,
+    and the projections of :class:`ClipLoss` when
     the towers' widths differ. Calling the module takes the arguments of
     :func:`siglip_loss` (without the two parameters) and returns a
     :class:`SigLipLossOutput`.
@@ -176,7 +180,7 @@ class SigLipLoss(Projections):
         *,
         init_logit_scale: float = math.log(10.0),
         init_logit_bias: float = -10.0,
-        logit_scale_max: float = 100.0,
+        logit_scale_max: float = math.inf,
         scale_cap: str = "clamp",
         backend: str = "auto",
         precision: str | None = None,

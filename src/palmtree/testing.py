@@ -525,7 +525,7 @@ def siglip_reference(
     *,
     sizes: list[int] | None = None,
     weights: list[float] | None = None,
-    logit_scale_max: float = 100.0,
+    logit_scale_max: float = math.inf,
     scale_cap: str = "clamp",
     normalize: bool = True,
     precision: str = "ieee",
@@ -622,7 +622,7 @@ def plain_fp32_siglip(
     *,
     sizes: list[int] | None = None,
     weights: list[float] | None = None,
-    logit_scale_max: float = 100.0,
+    logit_scale_max: float = math.inf,
     dtype: torch.dtype = torch.float32,
     precision: str | None = None,
 ) -> dict[str, torch.Tensor]:
