@@ -202,6 +202,7 @@ def _left_alone(rank, port, results):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.barrier()  # every connection is up: what follows is a peer that left, not a slow start
     if rank == 1:
         os._exit(0)  # gone without a word, as a rank that finished its loop
     time.sleep(1.0)
@@ -210,6 +211,8 @@ def _left_alone(rank, port, results):
         results.put("no error")
     except RuntimeError as exc:
         results.put(str(exc))
+    results.close()
+    results.join_thread()  # put() hands the message to a thread: let it reach the pipe
     os._exit(0)
 
 
