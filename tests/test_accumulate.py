@@ -16,6 +16,7 @@ from towers import Towers, check_gradients, gradients, make_loss, split, tower_b
 from world import World
 
 import palmtree
+from palmtree.compat.open_clip import ClipLoss as ClipLossCompat
 
 #: Micro-batch sizes per rank, for each world size: uneven, different counts, one empty.
 MICRO = {1: [[5, 3, 7]], 2: [[4, 6], [3]], 3: [[2, 5], [], [6, 1, 3]]}
@@ -41,6 +42,43 @@ def accumulate_on_rank(rank, n, kind, backend, dropout, wrap=True):
     grads = {f"towers.{k}": p.grad for k, p in towers.named_parameters()}
     grads.update({f"loss.{k}": p.grad for k, p in loss_fn.named_parameters()})
     return grads, out.b_global, float(out.loss_global)
+
+
+class OpenClipStyle(nn.Module):
+    """A loss as open_clip's training writes it: the projections and the temperature of
+    ``make_loss``'s module, unit features, and ``palmtree.compat.open_clip.ClipLoss``, which
+    returns a tensor (this rank's ``N * share_r``)."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.inner = make_loss("clip", backend)
+        self.clip = ClipLossCompat(local_loss=True, gather_with_grad=True, backend=backend)
+
+    def forward(self, img, txt, mask):
+        u = nn.functional.normalize(self.inner.image_proj(img), dim=-1, eps=1e-6)
+        pooled = palmtree.masked_mean_pool(self.inner.text_proj(txt), mask)
+        v = nn.functional.normalize(pooled, dim=-1, eps=1e-6)
+        return self.clip(u, v, self.inner.logit_scale.exp().reshape(()))
+
+
+def tensor_loss_on_rank(rank, n, returns, backend):
+    """``loss_fn`` returns a scalar tensor: a function around a palmtree loss module (its
+    parameters found through the graph) or an open_clip-style module."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    towers = Towers(0.2)
+    if returns == "open_clip":
+        loss_fn = OpenClipStyle(backend)
+        named = loss_fn.inner.named_parameters()
+    else:
+        loss = make_loss("clip", backend)
+        loss_fn, named = (lambda *f: loss(*f).loss), loss.named_parameters()
+    torch.manual_seed(SEEDS[rank])
+    out = palmtree.accumulate(DDP(towers), loss_fn, pieces_of(n)[rank])
+    assert isinstance(out, torch.Tensor) and not out.requires_grad
+    grads = {f"towers.{k}": p.grad for k, p in towers.named_parameters()}
+    grads.update({f"loss.{k}": p.grad for k, p in named})
+    return grads
 
 
 def bad_encoder_on_rank(rank, n, bad_rank, what):
@@ -96,6 +134,17 @@ def test_plain_towers_are_averaged_by_accumulate(world):
     results = world.run(accumulate_on_rank, "clip", "chunked", 0.2, wrap=False)
     exact, plain, bounds = gradients("clip", "chunked", pieces_of(n), SEEDS, dropout=0.2)
     for rank, (grads, _, _) in enumerate(results):
+        check_gradients(grads, exact, plain, bounds, f" on rank {rank}")
+
+
+@pytest.mark.parametrize("returns", ["function", "open_clip"])
+def test_a_loss_fn_returning_a_tensor_gives_the_same_gradients(world, returns):
+    """Each rank's value is backpropagated and the gradients averaged over ranks: for
+    palmtree's values (``N * share_r``, whose mean is the global loss) the exact gradient."""
+    n = world.size
+    results = world.run(tensor_loss_on_rank, returns, "chunked")
+    exact, plain, bounds = gradients("clip", "chunked", pieces_of(n), SEEDS, dropout=0.2)
+    for rank, grads in enumerate(results):
         check_gradients(grads, exact, plain, bounds, f" on rank {rank}")
 
 

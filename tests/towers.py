@@ -147,3 +147,88 @@ def check_gradients(got: dict, exact: dict, plain: dict, bounds: dict, where: st
         else:
             bound = testing.max_error(plain[name], want) + 2 * bounds[name]
             testing.check_scalar(label, got[name], want, bound)
+
+
+class WithNorm(Towers):
+    """The towers with a training-mode BatchNorm on the image side: buffers that every
+    forward updates (running mean and variance, the count of batches)."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__(dropout)
+        self.norm = nn.BatchNorm1d(10)
+
+    def forward(self, pixels, tokens, mask):
+        img, txt, mask = super().forward(pixels, tokens, mask)
+        return self.norm(img), txt, mask
+
+
+class Faulty(nn.Module):
+    """``towers`` that misbehave at micro-batch ``at`` of pass ``when`` (1: the encoding
+    without a graph, 2: the one with a graph), as ``what`` says: ``"raise"``, ``"width"``
+    (image features 6 wide), ``"nan"`` (one image feature NaN), ``"scale"`` (image
+    features times ``1 + eps``), ``"backward"`` (image features whose backward raises),
+    or ``"rng"``: every micro-batch of both passes drops units with draws from a generator
+    of its own, which accumulate cannot replay. ``what=None`` behaves."""
+
+    def __init__(self, towers: nn.Module, what=None, at: int = 0, when: int = 2, eps=0.0):
+        super().__init__()
+        self.towers, self.what, self.at, self.when, self.eps = towers, what, at, when, eps
+        self.calls = {1: 0, 2: 0}
+        self.generator = torch.Generator().manual_seed(3)
+
+    def forward(self, pixels, tokens, mask):
+        now = 2 if torch.is_grad_enabled() else 1
+        k, self.calls[now] = self.calls[now], self.calls[now] + 1
+        img, txt, mask = self.towers(pixels, tokens, mask)
+        if self.what == "rng":
+            keep = torch.rand(img.shape, generator=self.generator) >= 0.2
+            return img * keep / 0.8, txt, mask
+        if self.what is None or (now, k) != (self.when, self.at):
+            return img, txt, mask
+        if self.what == "raise":
+            raise RuntimeError("simulated failure")
+        if self.what == "width":
+            return img[:, :6], txt, mask
+        if self.what == "nan":
+            bad = torch.zeros_like(img)
+            bad[0, 0] = float("nan")
+            return img + bad, txt, mask
+        if self.what == "scale":
+            return img * (1 + self.eps), txt, mask
+        if self.what == "backward":
+            return _FailsInBackward.apply(img), txt, mask
+        raise ValueError(f"unknown fault {self.what!r}")
+
+
+class _FailsInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("simulated failure in backward")
+
+
+def state_of(*modules) -> dict:
+    """Every ``.grad`` (``None`` included) and buffer of ``modules``, and the CPU RNG state,
+    copied: what accumulate must leave as it found when it raises."""
+    out = {"rng": torch.get_rng_state()}
+    for i, m in enumerate(modules):
+        out.update({f"{i}.grad.{n}": _copy(p.grad) for n, p in m.named_parameters()})
+        out.update({f"{i}.buffer.{n}": _copy(b) for n, b in m.named_buffers()})
+    return out
+
+
+def _copy(x):
+    return None if x is None else x.detach().clone()
+
+
+def state_differences(before: dict, after: dict) -> list[str]:
+    """The entries of two :func:`state_of` records that differ (``[]``: none)."""
+    diff = []
+    for key, a in before.items():
+        b = after.get(key)
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+            diff.append(key)
+    return diff
