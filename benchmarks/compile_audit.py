@@ -451,7 +451,7 @@ def _rows(cases, jobs: int, label: str | None = None) -> list[dict]:
 def audit(dims=DIMS, precisions=None, targets=tuple(TARGETS), jobs: int = 1) -> list[dict]:
     """One row per distinct launch and (precision, D, target), with its resources,
     ``problems`` and whether they are ``known`` (in :data:`KNOWN_SPILLS`)."""
-    from palmtree.backends.base import PRECISIONS
+    from palmtree.precision import PRECISIONS
 
     cases = [
         ("plan", precision, dim, target, None)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from palmtree.backends.base import PRECISIONS
+from palmtree.precision import PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "compile_audit.py"

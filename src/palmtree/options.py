@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import BACKENDS
-from .backends.base import PRECISIONS
+from .backends import BACKENDS, backend_name_problem
 from .distributed import LOCAL, Agreed
-from .scale import SCALE_CAPS, log_scale_problem
+from .precision import PRECISIONS, precision_problem
+from .scale import SCALE_CAPS, log_scale_problem, scale_cap_problem
 
+#: The losses, everywhere (``palmtree train --loss``, ``bench --loss``, ``verify --losses``).
 LOSSES = ("clip", "siglip")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -46,12 +47,13 @@ class LossOptions:
 
     def problem(self) -> str | None:
         """What is wrong with the option values themselves (``None`` if nothing)."""
-        if self.backend not in BACKENDS:
-            return f"backend must be one of {BACKENDS}, got {self.backend!r}"
-        if self.precision is not None and self.precision not in PRECISIONS:
-            return f"precision must be one of {PRECISIONS} or None, got {self.precision!r}"
-        if self.scale_cap not in SCALE_CAPS:
-            return f"scale_cap must be one of {SCALE_CAPS}, got {self.scale_cap!r}"
+        problem = (
+            backend_name_problem(self.backend)
+            or precision_problem(self.precision)
+            or scale_cap_problem(self.scale_cap)
+        )
+        if problem is not None:
+            return problem
         cap = self.logit_scale_max
         if not _is_real(cap) or not cap > 0:  # also rejects nan
             return f"logit_scale_max must be a number > 0 (inf for no cap), got {cap!r}"

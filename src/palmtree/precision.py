@@ -26,17 +26,26 @@ import contextlib
 
 import torch
 
-from .backends.base import PRECISIONS
+#: The operand precision modes, everywhere (the loss's option, verify's and bench's flags).
+PRECISIONS = ("ieee", "tf32", "bf16")
 
 _FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
 
+def precision_problem(precision) -> str | None:
+    """Why ``precision`` is no precision option (``None`` is one: PyTorch's own setting)."""
+    if precision is None or precision in PRECISIONS:
+        return None
+    return f"precision must be one of {PRECISIONS} or None, got {precision!r}"
+
+
 def resolve_precision(precision: str | None) -> str:
     """Turns ``None`` into the mode PyTorch's fp32 matmul setting asks for."""
+    problem = precision_problem(precision)
+    if problem is not None:
+        raise ValueError(problem)
     if precision is None:
         return _FROM_TORCH.get(torch.get_float32_matmul_precision(), "ieee")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
     return precision
 
 
@@ -48,14 +57,25 @@ def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def cast_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
-    """The operand as the matmul will consume it (device-specific representation)."""
+def rounded(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """fp32 ``x`` with each value rounded as ``precision`` rounds a product's operands:
+    the one definition of the modes' rounding (the backends, the fp32 reference and
+    ``palmtree.testing`` add only where and in which representation it happens)."""
     if precision == "bf16":
-        x = x.to(torch.bfloat16)
-        return x if x.is_cuda and _has_fp32_out_mm() else x.float()
-    if precision == "tf32" and not x.is_cuda:
+        return x.to(torch.bfloat16).float()
+    if precision == "tf32":
         return round_to_tf32(x)
     return x
+
+
+def cast_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """The operand as the matmul will consume it: on CUDA bf16 itself (fp32-output GEMM)
+    and fp32 for TF32 (the hardware rounds), elsewhere :func:`rounded` fp32 values."""
+    if x.is_cuda and precision == "tf32":
+        return x
+    if x.is_cuda and precision == "bf16" and _has_fp32_out_mm():
+        return x.to(torch.bfloat16)
+    return rounded(x, precision)
 
 
 @contextlib.contextmanager

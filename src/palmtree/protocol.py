@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .backends.base import ForwardStats, GradientTerms, Kernels
 from .distributed import Layout, all_gather_scalar, all_reduce_, gather_rows, reduce_scatter_rows
-from .precision import round_to_tf32
+from .precision import rounded
 
 
 @dataclass(frozen=True)
@@ -118,11 +118,7 @@ def nll_terms(row_max: torch.Tensor, neg: torch.Tensor, diag: torch.Tensor) -> t
 def pair_dots(u: torch.Tensor, v: torch.Tensor, precision: str) -> torch.Tensor:
     """``<u_i, v_i>`` of each local pair from operands rounded as the products' are (exact
     fp32 products of tf32/bf16 values), for the temperature's gradient (:mod:`.backends.base`)."""
-    if precision == "bf16":
-        u, v = u.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
-    elif precision == "tf32":
-        u, v = round_to_tf32(u), round_to_tf32(v)
-    return torch.linalg.vecdot(u, v)
+    return torch.linalg.vecdot(rounded(u, precision), rounded(v, precision))
 
 
 def complete_columns(stats: ForwardStats, pairs: torch.Tensor, layout: Layout):

@@ -25,12 +25,20 @@ def capped_scale(logit_scale: torch.Tensor, cap: float, mode: str = "clamp") -> 
     a NaN value or gradient; where the value or the gradient would overflow instead (no
     cap, or straight-through), the loss refuses the call (:func:`log_scale_problem`).
     """
-    if mode not in SCALE_CAPS:
-        raise ValueError(f"scale_cap must be one of {SCALE_CAPS}, got {mode!r}")
+    problem = scale_cap_problem(mode)
+    if problem is not None:
+        raise ValueError(problem)
     x = torch.as_tensor(logit_scale).float()
     if mode == "straight_through":
         return _StraightThroughCap.apply(x, cap)
     return _capped(x, cap)
+
+
+def scale_cap_problem(mode) -> str | None:
+    """Why ``mode`` is no ``scale_cap`` (``None`` if it is one)."""
+    if mode in SCALE_CAPS:
+        return None
+    return f"scale_cap must be one of {SCALE_CAPS}, got {mode!r}"
 
 
 def _capped(x: torch.Tensor, cap: float) -> torch.Tensor:

@@ -16,7 +16,10 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "reference", "chunked", "fused")
+#: What the losses run: every backend but ``auto``, which picks one of them.
+CONCRETE_BACKENDS = ("reference", "chunked", "fused")
+#: The ``backend`` option's values.
+BACKENDS = ("auto", *CONCRETE_BACKENDS)
 
 #: CUDA device names (``torch.cuda.get_device_name()``) on which ``auto`` picks ``fused``:
 #: the cards where a committed run of ``benchmarks/gpu_check.sh`` showed the fused kernels
@@ -47,10 +50,18 @@ def _fused_by_default(device: torch.device) -> bool:
     return torch.cuda.get_device_name(device) in FUSED_BY_DEFAULT
 
 
+def backend_name_problem(name) -> str | None:
+    """Why ``name`` is no ``backend`` option (``None`` if it is one)."""
+    if name in BACKENDS:
+        return None
+    return f"backend must be one of {BACKENDS}, got {name!r}"
+
+
 def backend_problem(name, device: torch.device) -> str | None:
     """Why ``backend=name`` cannot run on ``device`` (``None`` if it can)."""
-    if name not in BACKENDS:
-        return f"backend must be one of {BACKENDS}, got {name!r}"
+    problem = backend_name_problem(name)
+    if problem is not None:
+        return problem
     if name == "fused" and not fused_can_run(device):
         why = "Triton is not installed" if not triton_available() else f"tensors are on {device}"
         return (

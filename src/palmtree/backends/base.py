@@ -55,8 +55,6 @@ from typing import Protocol
 
 import torch
 
-PRECISIONS = ("ieee", "tf32", "bf16")
-
 
 @dataclass
 class ForwardStats:

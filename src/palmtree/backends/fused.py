@@ -52,9 +52,9 @@ import functools
 
 import torch
 
-from ..precision import round_to_tf32
+from ..precision import precision_problem, rounded
 from . import interpreting
-from .base import PRECISIONS, ForwardStats, GradientTerms, SigmoidStats, zero_grads
+from .base import ForwardStats, GradientTerms, SigmoidStats, zero_grads
 
 BWD_MODES = ("two_kernels", "atomic")
 
@@ -176,8 +176,9 @@ class TilePlan:
 
 
 def _check(u, v, scale, offset, precision) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    problem = precision_problem(precision) if precision is not None else "precision is None"
+    if problem is not None:
+        raise ValueError(problem)
     if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[1]:
         raise ValueError(
             f"expected u [b, D] and v [B, D], got {tuple(u.shape)} and {tuple(v.shape)}"
@@ -208,13 +209,10 @@ class Block:
 
 
 def _operand(x: torch.Tensor, precision: str) -> torch.Tensor:
-    """Features rounded once on the host exactly as :func:`palmtree.precision.cast_operand`."""
+    """Features rounded once on the host (:func:`palmtree.precision.rounded`), bf16 ones
+    kept in bf16 for the kernels' bf16 products."""
     x = x.contiguous()
-    if precision == "bf16":
-        return x.to(torch.bfloat16)
-    if precision == "tf32":
-        return round_to_tf32(x)
-    return x
+    return x.to(torch.bfloat16) if precision == "bf16" else rounded(x, precision)
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:

@@ -13,19 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import Layout, all_reduce_, gather_rows, gather_rows_with_grad
-from ..precision import round_to_tf32
+from ..precision import rounded
 
 
 def _round_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
     """Rounds operands like the single-pass kernels do; the gradient passes straight through."""
-    if precision == "bf16":
-        rounded = x.detach().to(torch.bfloat16).float()
-    elif precision == "tf32":
-        rounded = round_to_tf32(x.detach())
-    else:
+    if precision == "ieee":
         return x
     # Straight through: a plain cast's backward would round the gradient as well.
-    return x + (rounded - x.detach())
+    return x + (rounded(x.detach(), precision) - x.detach())
 
 
 def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,6 @@ QUICK = dict(batch_sizes=[64, 128], dims=[32], repeats=1, warmup=1)
 NOISE = 1.5
 LOG_SCALE = math.log(1 / 0.07)
 SCALE_CAP = 100.0
-#: The losses the bench measures.
-LOSSES = ("clip", "siglip")
 #: SigLIP's initial log-temperature and bias (Zhai et al. 2023), the sigmoid cases' inputs.
 SIGLIP_LOG_SCALE = math.log(10.0)
 SIGLIP_BIAS = -10.0
@@ -83,7 +81,7 @@ class Case:
     oracle: str | None = None  # file holding the float64 truth (process isolation)
     mem_limit_mb: int | None = None
     threads: int | None = None  # CPU threads (torch.set_num_threads)
-    loss: str = "clip"  # one of LOSSES
+    loss: str = "clip"  # one of palmtree.options.LOSSES
     logit_bias: float = SIGLIP_BIAS  # siglip only
 
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ..backends import BACKENDS
-from ..backends.base import PRECISIONS
+from ..backends import CONCRETE_BACKENDS
+from ..options import LOSSES
+from ..precision import PRECISIONS
 from . import peers
-from .cases import DEFAULTS, LOG_SCALE, LOSSES, QUICK, SIGLIP_BIAS, SIGLIP_LOG_SCALE
+from .cases import DEFAULTS, LOG_SCALE, QUICK, SIGLIP_BIAS, SIGLIP_LOG_SCALE
 
 #: Where results go unless ``--out`` says otherwise (ignored by git).
 DEFAULT_OUT = Path("runs/bench")
@@ -124,7 +125,7 @@ def _what_flags(p: Parser) -> None:
     p.add_argument(
         "--backends",
         nargs="*",
-        choices=[b for b in BACKENDS if b != "auto"],
+        choices=CONCRETE_BACKENDS,
         help="default reference chunked, plus fused on CUDA with Triton",
     )
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, help=_per_device("precisions"))

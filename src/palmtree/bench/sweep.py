@@ -48,7 +48,7 @@ class Sweep:
     mem_limit_mb: int | None = None
     threads: int | None = None
     case_timeout: float | None = None
-    loss: str = "clip"  # one of cases.LOSSES
+    loss: str = "clip"  # one of palmtree.options.LOSSES
     logit_bias: float = SIGLIP_BIAS  # siglip only
 
     def plan(self) -> list[Key]:

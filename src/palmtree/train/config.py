@@ -13,12 +13,9 @@ from pathlib import Path
 import torch
 
 #: ``--precision``: how the towers run (autocast), not the matmul operand precision of
-#: the loss (``palmtree.backends.base.PRECISIONS``); the loss is fp32 inside in every mode.
+#: the loss (``palmtree.precision.PRECISIONS``); the loss is fp32 inside in every mode.
 AUTOCAST_MODES = ("fp32", "amp_bf16", "amp")
 AUTOCAST_DTYPES = {"fp32": None, "amp_bf16": torch.bfloat16, "amp": torch.float16}
-
-#: ``--loss``: ``palmtree.ClipLoss`` (softmax) or ``palmtree.SigLipLoss`` (sigmoid).
-LOSSES = ("clip", "siglip")
 
 
 @dataclass(frozen=True)

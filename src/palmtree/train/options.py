@@ -12,8 +12,9 @@ import math
 
 from palmtree.backends import BACKENDS
 
+from ..options import LOSSES
 from .checks import flag_problem
-from .config import AUTOCAST_MODES, LOSSES, TrainConfig
+from .config import AUTOCAST_MODES, TrainConfig
 
 DEFAULTS = TrainConfig()
 

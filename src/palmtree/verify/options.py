@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ..backends.base import PRECISIONS
+from ..backends import CONCRETE_BACKENDS
 from ..options import LOSSES
+from ..precision import PRECISIONS
 
-BACKENDS = ("reference", "chunked", "fused")  # what it checks ("auto" is one of these)
 DEFAULT_SCALES = (1 / 0.07, 99.0)
 FAULTS = ("raise", "hang", "wrong", "nan")
 #: The smallest temperature float32 holds as a normal number; below it ``exp(logit_scale)``
@@ -56,7 +56,7 @@ def parse_args(argv: list[str]) -> Options:
     p.add_argument("--nproc", type=_positive(int), default=None, help="local ranks to spawn (2)")
     p.add_argument(
         "--backends",
-        type=_csv("backends", BACKENDS),
+        type=_csv("backends", CONCRETE_BACKENDS),
         default=None,
         help="comma-separated (default: reference,chunked and fused where CUDA and Triton are)",
     )
