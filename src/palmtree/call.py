@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import backend_problem, resolve_backend
+from .checks import agreed_fields, host_checks, input_problem, scale_problem
 from .distributed import (
     ClipLossInputError,
     Layout,
@@ -23,7 +24,7 @@ from .distributed import (
     exchange_layout,
     world,
 )
-from .options import LossOptions, agreed_fields, host_checks, input_problem, scale_problem
+from .options import LossOptions
 from .pooling import masked_mean_pool_fp32
 from .precision import resolve_precision
 from .scale import capped_scale, loss_range_problem

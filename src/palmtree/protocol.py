@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .backends.base import ForwardStats, GradientTerms, Kernels
 from .distributed import Layout, all_gather_scalar, all_reduce_, gather_rows, reduce_scatter_rows
+from .normalize import unit_rows, unit_rows_backward
 from .precision import rounded
 
 
@@ -37,70 +38,6 @@ class PassOptions:
     precision: str
     chunk_size: int | None
     normalize: bool = True
-    eps: float = 1e-6
-
-
-@dataclass
-class RowNorms:
-    """How :func:`unit_rows` divided each row: ``u = x / (2**exponent * divisor)``.
-
-    For a row of norm at least ``eps``, ``2**exponent`` brings its largest entry into
-    ``[0.5, 1)`` and ``divisor`` is the norm of the scaled row; below ``eps`` (``small``)
-    the divisor is ``eps`` itself and the exponent 0.
-    """
-
-    exponent: torch.Tensor
-    divisor: torch.Tensor
-    small: torch.Tensor
-
-
-def _times_pow2(x: torch.Tensor, k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
-    """``x * 2**k``, exact barring under/overflow of the result: in two halves, so that
-    neither factor overflows where ``2**k`` alone would (in ``x`` itself if ``inplace``)."""
-    half = torch.div(k, 2, rounding_mode="floor")
-    two = torch.tensor(2.0, dtype=x.dtype, device=x.device)
-    if inplace:
-        return x.mul_(torch.pow(two, half)).mul_(torch.pow(two, k - half))
-    return x * torch.pow(two, half) * torch.pow(two, k - half)
-
-
-def unit_rows(x: torch.Tensor, normalize: bool, eps: float):
-    """fp32 ``x / max(||x||, eps)`` row-wise, and the :class:`RowNorms` (``None`` if not
-    normalising).
-
-    Each row is first scaled by the power of two that brings its largest entry into
-    ``[0.5, 1)``: exact, and no square overflows or underflows, so a row of any finite
-    norm in any float dtype (fp64 beyond fp32's range included) becomes a unit vector.
-    Done here rather than by autograd so that the backward can work in place on the
-    gradient buffers: at large ``B`` the ``B x D`` temporaries of autograd's
-    normalisation backward were a large part of the peak memory.
-    """
-    if not normalize:
-        return x.float().contiguous(), None
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    exponent = torch.frexp(x.abs().amax(dim=1, keepdim=True).to(wide)).exponent.long()
-    y = _times_pow2(x.to(wide), -exponent).float()
-    y_norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
-    small = _times_pow2(y_norm.double(), exponent) < eps
-    exponent = exponent.masked_fill(small, 0)
-    divisor = torch.where(small, eps, y_norm)
-    u = torch.where(small, x.float(), y) / divisor
-    return u.contiguous(), RowNorms(exponent, divisor, small)
-
-
-def unit_rows_backward(
-    grad: torch.Tensor, u: torch.Tensor, norms: RowNorms | None, dtype: torch.dtype
-) -> torch.Tensor:
-    """Gradient w.r.t. the raw rows, in ``dtype`` (``grad`` is fp32, modified in place)."""
-    if norms is None or grad.numel() == 0:
-        return grad.to(dtype)
-    # d(x/|x|) = (g - u <u, g>) / |x|; below eps the norm is the constant eps: g / eps.
-    dot = torch.bmm(u.unsqueeze(1), grad.unsqueeze(2)).squeeze(2)
-    dot.masked_fill_(norms.small, 0.0)
-    grad.addcmul_(u, dot, value=-1).div_(norms.divisor)
-    # In place when the features are fp32: two B x D temporaries were the loss's peak.
-    out = grad if dtype == torch.float32 else grad.to(dtype)
-    return _times_pow2(out, -norms.exponent, inplace=True)
 
 
 def nll_terms(row_max: torch.Tensor, neg: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
@@ -144,8 +81,8 @@ def _unit_inputs(ctx, image, text, opts: PassOptions):
     """This rank's unit image rows and every rank's unit text rows; ``ctx`` keeps what the
     backward needs to return gradients w.r.t. the raw features in their dtypes."""
     ctx.dtypes = image.dtype, text.dtype
-    u, u_norms = unit_rows(image, opts.normalize, opts.eps)
-    v, v_norms = unit_rows(text, opts.normalize, opts.eps)
+    u, u_norms = unit_rows(image, opts.normalize)
+    v, v_norms = unit_rows(text, opts.normalize)
     ctx.norms = u_norms, v_norms
     return u, gather_rows(v, opts.layout)
 

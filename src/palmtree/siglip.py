@@ -10,56 +10,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .backends import get_kernels
 from .backends.reference import reference_sigmoid_loss
-from .call import prepare
-from .loss import NORM_EPS, Projections
-from .options import LossOptions
-from .protocol import PassOptions, SigmoidPassLoss
+from .frame import LossKind, LossModule, LossOutput, run
+from .options import LossOptions, takes_options
+from .protocol import SigmoidPassLoss
+
+SIGLIP = LossKind("siglip", reference_sigmoid_loss, SigmoidPassLoss)
+
+#: SigLIP, HF's ``SiglipModel`` and open_clip's ``SigLipLoss`` do not cap the scale.
+NO_CAP = dict(logit_scale_max=math.inf)
 
 
 @dataclass
-class SigLipLossOutput:
-    """What :func:`siglip_loss` returns.
+class SigLipLossOutput(LossOutput):
+    """What :func:`siglip_loss` returns (see :class:`~palmtree.frame.LossOutput` for the
+    fields every loss has): ``loss_global`` is ``L``, the sum of ``loss_pos`` and
+    ``loss_neg`` (the matching pairs' terms and every other pair's, each divided by
+    ``B``); ``logit_bias`` is the bias the loss used."""
 
-    ``loss`` is what this rank backpropagates (``world_size * share_r``); the rest is
-    detached and global: ``loss_global`` is ``L``, ``loss_pos`` and ``loss_neg`` its two
-    parts (the matching pairs' terms and every other pair's, each divided by ``B``),
-    ``acc_i2t``/``acc_t2i`` the fraction of rows/columns whose largest logit is the
-    matching pair's.
-    """
-
-    loss: torch.Tensor
-    loss_global: torch.Tensor
     loss_pos: torch.Tensor
     loss_neg: torch.Tensor
-    acc_i2t: torch.Tensor
-    acc_t2i: torch.Tensor
-    logit_scale: torch.Tensor
     logit_bias: torch.Tensor
-    b_local: int
-    b_global: int
 
-    def metrics(self) -> dict[str, float]:
-        """Plain floats for logging (one host sync); ``loss`` is the global loss."""
-        values = torch.stack(
-            [self.loss_global, self.loss_pos, self.loss_neg, self.acc_i2t, self.acc_t2i]
-        ).tolist()
-        names = ("loss", "loss_pos", "loss_neg", "acc_i2t", "acc_t2i")
-        out = dict(zip(names, values, strict=True))
-        out.update(
-            logit_scale=float(self.logit_scale),
-            logit_bias=float(self.logit_bias),
-            b_local=self.b_local,
-            b_global=self.b_global,
-        )
-        return out
+    PARTS: ClassVar[tuple[str, str]] = ("loss_pos", "loss_neg")
+
+    @staticmethod
+    def total(first, second):
+        return first + second
 
 
+@takes_options(**NO_CAP)
 def siglip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -67,43 +52,27 @@ def siglip_loss(
     logit_bias: torch.Tensor | float,
     *,
     text_mask: torch.Tensor | None = None,
-    group=None,
-    backend: str = "auto",
-    precision: str | None = None,
-    chunk_size: int | None = None,
-    logit_scale_max: float = math.inf,
-    scale_cap: str = "clamp",
-    normalize: bool = True,
-    check_finite: bool = True,
-    distributed: bool = True,
+    options: LossOptions,
 ) -> SigLipLossOutput:
     """SigLIP's pairwise sigmoid loss over the global batch of every rank in ``group``.
 
     Args:
-        logit_scale: the *log* temperature (``s = min(exp(logit_scale), logit_scale_max)``).
-        logit_bias: the bias ``b`` added to every logit (SigLIP initialises it to -10).
-        logit_scale_max: no cap by default (``inf``), as in SigLIP, HF's ``SiglipModel``
-            and open_clip's ``SigLipLoss``; a log-scale whose ``exp`` overflows fp32
-            (above 88.72) is then refused. Pass 100 for CLIP's cap.
-        Everything else as in :func:`palmtree.clip_loss`: features ``[b, D]`` (or token
-        latents ``[b, L, D]`` with ``text_mask``), any split over ranks including empty
-        ones, every backend, the same checks and the same errors on every rank.
+        image_features, text_features, text_mask: as in :func:`palmtree.clip_loss`:
+            ``[b, D]`` (or token latents ``[b, L, D]`` with ``text_mask``), any split over
+            ranks including empty ones.
+        logit_scale: the *log* temperature (``s = min(exp(logit_scale), logit_scale_max)``;
+            no cap by default, as in SigLIP, HF's ``SiglipModel`` and open_clip's
+            ``SigLipLoss``; pass ``logit_scale_max=100`` for CLIP's).
+        logit_bias: the bias ``b`` added to every logit (SigLIP initialises it to -10);
+            a number or any one-element tensor, as the scale.
 
     Returns:
-        :class:`SigLipLossOutput`.
+        :class:`SigLipLossOutput`; the same checks and the same errors on every rank as
+        :func:`palmtree.clip_loss`.
     """
-    opts = LossOptions(
-        group=group,
-        backend=backend,
-        precision=precision,
-        chunk_size=chunk_size,
-        logit_scale_max=logit_scale_max,
-        scale_cap=scale_cap,
-        normalize=normalize,
-        check_finite=check_finite,
-        distributed=distributed,
+    return siglip_loss_with(
+        options, image_features, text_features, logit_scale, logit_bias, text_mask
     )
-    return siglip_loss_with(opts, image_features, text_features, logit_scale, logit_bias, text_mask)
 
 
 def siglip_loss_with(
@@ -117,61 +86,24 @@ def siglip_loss_with(
     local_error: str | None = None,
 ) -> SigLipLossOutput:
     """:func:`siglip_loss` with its options as one record (see :func:`clip_loss_with`)."""
-    call = prepare(
-        "siglip",
-        opts,
-        image_features,
-        text_features,
-        logit_scale,
-        text_mask,
-        logit_bias,
-        local_error,
+    call, loss, sums = run(
+        SIGLIP, opts, image_features, text_features, logit_scale, text_mask, logit_bias, local_error
     )
-    with torch.autocast(call.device.type, enabled=False):
-        if call.backend == "reference":
-            loss, sums = reference_sigmoid_loss(
-                call.image,
-                call.text,
-                call.scale,
-                call.bias,
-                call.layout,
-                call.precision,
-                opts.normalize,
-                NORM_EPS,
-            )
-        else:
-            kernels = get_kernels(call.backend, fallback=opts.backend == "auto")
-            how = PassOptions(
-                kernels, call.layout, call.precision, opts.chunk_size, opts.normalize, NORM_EPS
-            )
-            loss, sums = SigmoidPassLoss.apply(call.image, call.text, call.scale, call.bias, how)
-    B = call.layout.b_global
-    loss_pos, loss_neg, acc_i2t, acc_t2i = (sums / B).unbind()
-    return SigLipLossOutput(
-        loss=loss,
-        loss_global=loss_pos + loss_neg,
-        loss_pos=loss_pos,
-        loss_neg=loss_neg,
-        acc_i2t=acc_i2t,
-        acc_t2i=acc_t2i,
-        logit_scale=call.scale.detach(),
-        logit_bias=call.bias.detach().clone(),  # a copy: the parameter itself may be fp32
-        b_local=call.layout.b_local,
-        b_global=B,
-    )
+    # A copy of the bias: the parameter itself may be the fp32 tensor the loss used.
+    return SigLipLossOutput.of(call, loss, sums, logit_bias=call.bias.detach().clone())
 
 
-class SigLipLoss(Projections):
+class SigLipLoss(LossModule):
     """SigLIP loss with a learnable temperature and bias, and optional projections.
 
     Owns ``logit_scale`` (log space, initialised to ``ln 10``, not capped unless
     ``logit_scale_max`` is given) and ``logit_bias`` (initialised to -10), as SigLIP does,
-    and the projections of :class:`ClipLoss` when
-    the towers' widths differ. Calling the module takes the arguments of
-    :func:`siglip_loss` (without the two parameters) and returns a
-    :class:`SigLipLossOutput`.
+    and the projections of :class:`~palmtree.ClipLoss` when the towers' widths differ.
+    Calling the module takes the arguments of :func:`siglip_loss` (without the two
+    parameters) and returns a :class:`SigLipLossOutput`.
     """
 
+    @takes_options(**NO_CAP)
     def __init__(
         self,
         image_dim: int | None = None,
@@ -180,39 +112,15 @@ class SigLipLoss(Projections):
         *,
         init_logit_scale: float = math.log(10.0),
         init_logit_bias: float = -10.0,
-        logit_scale_max: float = math.inf,
-        scale_cap: str = "clamp",
-        backend: str = "auto",
-        precision: str | None = None,
-        chunk_size: int | None = None,
-        group=None,
-        distributed: bool = True,
+        options: LossOptions,
     ):
-        options = LossOptions(
-            group=group,
-            distributed=distributed,
-            backend=backend,
-            precision=precision,
-            chunk_size=chunk_size,
-            logit_scale_max=logit_scale_max,
-            scale_cap=scale_cap,
-        )
         super().__init__(image_dim, text_dim, embed_dim, options)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
 
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        text_mask: torch.Tensor | None = None,
-        *,
-        distributed: bool | None = None,
-    ) -> SigLipLossOutput:
-        """``distributed=False`` for this call only: see :func:`palmtree.clip_loss`."""
-        image_features, text_features, error = self.project(image_features, text_features)
+    def compute(self, opts, image_features, text_features, text_mask, error) -> SigLipLossOutput:
         return siglip_loss_with(
-            self.call_options(distributed),
+            opts,
             image_features,
             text_features,
             self.logit_scale,
@@ -220,6 +128,3 @@ class SigLipLoss(Projections):
             text_mask,
             local_error=error,
         )
-
-    def extra_repr(self) -> str:
-        return self.describe()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import Layout, all_reduce_, gather_rows, gather_rows_with_grad
+from ..normalize import unit_rows_differentiable
 from ..precision import rounded
 
 
@@ -37,21 +38,6 @@ def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.softplus(torch.logsumexp(others, dim=1)).sum()
 
 
-def unit_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """fp32 ``x / max(||x||, eps)`` through autograd, for rows of any finite norm.
-
-    As :func:`palmtree.protocol.unit_rows`: each row is first scaled by the (constant)
-    power of two that brings its largest entry into ``[0.5, 1)``, so no square overflows.
-    """
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    exponent = torch.frexp(x.detach().abs().amax(dim=1, keepdim=True).to(wide)).exponent
-    factor = torch.pow(torch.tensor(2.0, dtype=torch.float64, device=x.device), -exponent)
-    y = (x.to(wide) * factor.to(wide)).float()
-    # The eps of x's scale, in y's (inf where that overflows: the row is then below eps).
-    floor = (eps * factor).float()
-    return y / torch.maximum(torch.linalg.vector_norm(y, dim=1, keepdim=True), floor)
-
-
 def reference_loss(
     image: torch.Tensor,
     text: torch.Tensor,
@@ -59,11 +45,10 @@ def reference_loss(
     layout: Layout,
     precision: str,
     normalize: bool,
-    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :class:`palmtree.protocol.SinglePassLoss`: ``(N * share_r, sums)``."""
-    u = unit_rows(image, eps) if normalize else image.float()
-    v = unit_rows(text, eps) if normalize else text.float()
+    u = unit_rows_differentiable(image) if normalize else image.float()
+    v = unit_rows_differentiable(text) if normalize else text.float()
     offset, b, B = layout.offset, layout.b_local, layout.b_global
     u_all = gather_rows_with_grad(u, layout)
     v_all = gather_rows_with_grad(v, layout)
@@ -94,12 +79,11 @@ def reference_sigmoid_loss(
     layout: Layout,
     precision: str,
     normalize: bool,
-    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sigmoid loss with materialised logits: the contract of
     :class:`palmtree.protocol.SigmoidPassLoss`, ``(N * share_r, sums)``."""
-    u = unit_rows(image, eps) if normalize else image.float()
-    v = unit_rows(text, eps) if normalize else text.float()
+    u = unit_rows_differentiable(image) if normalize else image.float()
+    v = unit_rows_differentiable(text) if normalize else text.float()
     offset, b, B = layout.offset, layout.b_local, layout.b_global
     v_all = gather_rows_with_grad(v, layout)
     logits = scale * _round_operand(u, precision) @ _round_operand(v_all, precision).T

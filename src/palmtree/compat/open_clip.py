@@ -61,8 +61,16 @@ from torch import nn
 
 from ..distributed import world
 from ..loss import ClipLossOutput, clip_loss_with
-from ..options import LossOptions
+from ..options import LossOptions, takes_options
 from ..siglip import SigLipLossOutput, siglip_loss_with
+
+#: The options a drop-in takes (palmtree's, keyword-only); open_clip's losses take exp'd,
+#: uncapped scales and features the model normalised itself, so those two are fixed.
+_OPTIONS = takes_options(
+    only=("group", "backend", "precision", "chunk_size", "check_finite"),
+    logit_scale_max=math.inf,
+    normalize=False,
+)
 
 #: (local_loss, gather_with_grad) combinations already warned about in this process.
 _WARNED: set[tuple[bool, bool]] = set()
@@ -99,11 +107,9 @@ class ClipLoss(nn.Module):
             passes the launcher's values); the ranks and their number come from
             ``group``, the default process group unless one is passed.
         use_horovod: not supported (palmtree uses ``torch.distributed``).
-        group: process group whose ranks share negatives (keyword-only, palmtree's).
-        backend, precision, chunk_size, check_finite: as in :func:`palmtree.clip_loss`.
-            ``precision=None`` follows ``torch.get_float32_matmul_precision()``; pass
-            ``"bf16"`` for the speed of open_clip under bf16 autocast (the logits stay
-            fp32 here).
+
+    Of palmtree's options (below) ``precision="bf16"`` gives the speed of open_clip under
+    bf16 autocast (the logits stay fp32 here).
 
     ``forward`` takes unit features ``[b, D]`` (not normalised again here, as in open_clip)
     and ``logit_scale`` = ``exp(log temperature)``, uncapped (open_clip's training clamps
@@ -113,6 +119,7 @@ class ClipLoss(nn.Module):
     :class:`~palmtree.ClipLossOutput`, detached, for logging the global loss.
     """
 
+    @_OPTIONS
     def __init__(
         self,
         local_loss: bool = False,
@@ -122,11 +129,7 @@ class ClipLoss(nn.Module):
         world_size: int | None = None,
         use_horovod: bool = False,
         *,
-        group=None,
-        backend: str = "auto",
-        precision: str | None = None,
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        options: LossOptions,
     ):
         super().__init__()
         if use_horovod:
@@ -140,16 +143,7 @@ class ClipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.use_horovod = use_horovod
-        # open_clip's loss takes exp'd, uncapped scales and features it normalised itself.
-        self.options = LossOptions(
-            group=group,
-            backend=backend,
-            precision=precision,
-            chunk_size=chunk_size,
-            logit_scale_max=math.inf,
-            normalize=False,
-            check_finite=check_finite,
-        ).validated()
+        self.options = options.validated()
         self.last_output: ClipLossOutput | None = None
 
     def _warn_flags(self, world_size: int) -> None:
@@ -183,7 +177,7 @@ class ClipLoss(nn.Module):
                 "logit_bias is not supported: it belongs to SigLIP's sigmoid loss "
                 "(open_clip's SigLipLoss), and this is the softmax CLIP loss"
             )
-        rank, world_size = world(self.options.group)
+        rank, world_size = world(self.options.exchange_group)
         error = error or _world_error(self, rank, world_size)
         if error is None:
             self._warn_flags(world_size)
@@ -236,7 +230,6 @@ class SigLipLoss(nn.Module):
         rank, world_size: checked against ``group`` (open_clip's training passes the
             launcher's values; ``None`` skips the check). open_clip's defaults (0 and 1)
             describe one process: on more ranks, pass the real values or ``None``.
-        group, backend, precision, chunk_size, check_finite: as in :class:`ClipLoss`.
 
     ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False)``
     takes open_clip's meaning: unit features as the model gives them, ``logit_scale``
@@ -244,6 +237,7 @@ class SigLipLoss(nn.Module):
     :class:`~palmtree.SigLipLossOutput`, detached (``loss_global`` is the global loss).
     """
 
+    @_OPTIONS
     def __init__(
         self,
         cache_labels: bool = False,
@@ -251,11 +245,7 @@ class SigLipLoss(nn.Module):
         world_size: int | None = 1,
         dist_impl: str | None = None,
         *,
-        group=None,
-        backend: str = "auto",
-        precision: str | None = None,
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        options: LossOptions,
     ):
         super().__init__()
         if dist_impl not in (None, "bidir", "shift", "reduce", "gather"):
@@ -266,15 +256,7 @@ class SigLipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.dist_impl = dist_impl or "bidir"
-        self.options = LossOptions(
-            group=group,
-            backend=backend,
-            precision=precision,
-            chunk_size=chunk_size,
-            logit_scale_max=math.inf,
-            normalize=False,
-            check_finite=check_finite,
-        ).validated()
+        self.options = options.validated()
         self.last_output: SigLipLossOutput | None = None
 
     def forward(
@@ -285,7 +267,7 @@ class SigLipLoss(nn.Module):
         logit_bias: torch.Tensor | float,
         output_dict: bool = False,
     ):
-        rank, world_size = world(self.options.group)
+        rank, world_size = world(self.options.exchange_group)
         out = siglip_loss_with(
             self.options,
             image_features,
