@@ -141,6 +141,8 @@ class FastPathText(nn.Module):
         return self.image(pixels), latents, mask
 
 
+# The fast path packs padded tokens into a nested tensor, which torch says is a prototype.
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 def test_a_fast_path_forward_is_within_rounding(monkeypatch):
     monkeypatch.setattr(replay, "WARNED", set())
     towers = FastPathText()
