@@ -26,60 +26,42 @@ batch's inputs (``palmtree.bench.measure.PeakMemory``); time is the median step.
 Writes ``<out>/<name>.csv`` (one row per mode and global batch), ``<name>.md`` (the
 table) and ``<name>.png`` (memory and time against the global batch). Nothing here is
 imported by the library.
+
+This file is the command line and the sweep; the rooms it runs are the package
+``accumulation/`` beside it (``workload``: the model, the inputs and one case;
+``report``: the files).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
-import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import palmtree
 from palmtree.bench.cli import device_name
-from palmtree.bench.measure import (
-    RESULT_MARK,
-    PeakMemory,
-    is_oom,
-    limit_address_space,
-    one_line,
-    run_worker,
-)
-from palmtree.train.models import DualEncoder, ModelConfig
+from palmtree.bench.measure import RESULT_MARK, one_line, run_worker
+from palmtree.train.models import ModelConfig
 
-MODES = ("plain", "accumulate")
-#: The longest caption, in words: the digits' training captions have 1 to 9.
-MAX_WORDS = 9
-#: Marks the worker's result line on its stdout.
-FIELDS = (
-    "timestamp",
-    "device",
-    "torch_version",
-    "palmtree_version",
-    "mode",
-    "global_batch",
-    "micro_batch",
-    "tokens",
-    "steps",
-    "median_ms",
-    "min_ms",
-    "peak_mb",
-    "features_mb",
-    "mem_limit_mb",
-    "loss",
-    "status",
-    "note",
-)
+# A test loads this file by its path, so the folder that holds accumulation/ need not be
+# on sys.path yet (running the script puts it there).
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from accumulation.report import FIELDS, print_row, write_report  # noqa: E402
+from accumulation.workload import MODES, Case, make_batch, micro_batches, run_case  # noqa: E402
+
+#: What the tests and a reader of this file use, besides :func:`main`.
+__all__ = ["FIELDS", "MODES", "QUICK", "ModelConfig", "main", "make_batch", "micro_batches"]
+
 #: The default sweep: plain training of the demo towers needs about 0.15 MB per pair, so
 #: under a 2 GB cap it fits up to B = 8192 and fails at 16384. B = 512, one micro-batch,
 #: gives the activations of one micro-batch (plain) to compare accumulation's peak with.
@@ -91,127 +73,6 @@ DEFAULTS = dict(
     warmup=1,
 )
 QUICK = dict(global_batches=[16, 32], micro_batch=8, mem_limit_mb=None, steps=1, warmup=0)
-
-
-@dataclass(frozen=True)
-class Case:
-    """One measurement (JSON-serialisable, for the worker process)."""
-
-    mode: str
-    global_batch: int
-    micro_batch: int
-    steps: int
-    warmup: int
-    seed: int = 0
-    mem_limit_mb: int | None = None
-    threads: int | None = None
-
-
-# --------------------------------------------------------------------------- the workload
-
-
-def make_model(seed: int) -> DualEncoder:
-    """The demo's towers and loss: ``ModelConfig``'s defaults (those of ``palmtree train``
-    on the digits), the ``chunked`` backend."""
-    torch.manual_seed(seed)
-    return DualEncoder(ModelConfig(backend="chunked"))
-
-
-def make_batch(size: int, seed: int):
-    """``size`` random 8x8 images in [-1, 1] and random captions: token ids uniform over
-    the vocabulary, lengths uniform in 1..``MAX_WORDS``, padded with 0."""
-    config = ModelConfig()
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(size, config.in_channels, 8, 8, generator=g) * 2 - 1
-    ids = torch.randint(1, config.vocab_size, (size, MAX_WORDS), generator=g)
-    lengths = torch.randint(1, MAX_WORDS + 1, (size, 1), generator=g)
-    mask = torch.arange(MAX_WORDS) < lengths
-    return images, ids * mask, mask
-
-
-class Towers(nn.Module):
-    """``accumulate``'s ``encode``: the model's two towers, the loss left out."""
-
-    def __init__(self, model: DualEncoder):
-        super().__init__()
-        self.image, self.text = model.image, model.text
-
-    def forward(self, images, ids, mask):
-        return self.image(images), self.text(ids, mask), mask
-
-
-def gradients(case: Case, model: DualEncoder, batch) -> torch.Tensor:
-    """The step's gradients by ``case.mode``; returns the (detached) loss."""
-    if case.mode == "plain":
-        out = model(*batch)
-        out.loss.backward()
-        return out.loss.detach()
-    micro = micro_batches(batch, case.micro_batch)
-    return palmtree.accumulate(Towers(model), model.loss_fn, micro).loss
-
-
-def micro_batches(batch: tuple, size: int) -> list[tuple]:
-    """The global batch's consecutive slices of ``size`` pairs (the last may be smaller)."""
-    return [tuple(x[i : i + size] for x in batch) for i in range(0, len(batch[0]), size)]
-
-
-def features_mb(batch, config: ModelConfig) -> float:
-    """The cached features of the global batch: image ``[B, image_dim]`` and text token
-    latents ``[B, L, text_width]``, fp32 (what ``accumulate`` keeps besides one
-    micro-batch's activations, the ``O(B x D)`` term)."""
-    big, length = batch[1].shape
-    return big * (config.image_dim + length * config.text_width) * 4 / 2**20
-
-
-# --------------------------------------------------------------------------- one case
-
-
-def run_case(case: Case) -> dict:
-    """Measures one case in this process; ``status`` ``ok`` or ``oom``."""
-    if case.threads:
-        torch.set_num_threads(case.threads)
-    model = make_model(case.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batch = make_batch(case.global_batch, case.seed)
-
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        loss = gradients(case, model, batch)
-        optimizer.step()
-        return loss
-
-    # A small step's gradients first (no optimiser step: the parameters stay those of the
-    # seed), so that thread pools and other lazy state are not counted as the step's.
-    small = Case(**dict(asdict(case), global_batch=min(8, case.global_batch), micro_batch=4))
-    gradients(small, model, make_batch(small.global_batch, case.seed + 1))
-
-    result = dict(features_mb=features_mb(batch, model.config), tokens=batch[1].shape[1])
-    memory = PeakMemory(torch.device("cpu"))
-    if case.mem_limit_mb:
-        limit_address_space(case.mem_limit_mb)
-    memory.start()
-    times, first = [], None
-    try:
-        for i in range(case.warmup + case.steps):
-            t0 = time.perf_counter()
-            loss = step()
-            if i >= case.warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-            first = float(loss) if first is None else first
-    except Exception as exc:  # running out of memory is a result
-        if not is_oom(exc):
-            raise
-        return dict(result, status="oom", note=one_line(exc))
-    return dict(
-        result,
-        status="ok",
-        note="",
-        steps=len(times),
-        median_ms=statistics.median(times),
-        min_ms=min(times),
-        peak_mb=memory.peak_mb(),
-        loss=first,
-    )
 
 
 def run_in_process(case: Case, timeout: float) -> dict:
@@ -227,9 +88,6 @@ def worker(case_json: str) -> int:
         result = dict(status="error", note=one_line(exc))
     print(RESULT_MARK + json.dumps(result), flush=True)
     return 0
-
-
-# --------------------------------------------------------------------------- the sweep
 
 
 def sweep(args) -> list[dict]:
@@ -265,140 +123,6 @@ def sweep(args) -> list[dict]:
             rows.append(dict(common, mode=mode, global_batch=big, micro_batch=micro, **result))
             print_row(rows[-1])
     return rows
-
-
-def print_row(row: dict) -> None:
-    """One line per case as it finishes."""
-    what = f"{row['mode']:>10} B={row['global_batch']:<6} micro={row['micro_batch']:<6}"
-    if row["status"] != "ok":
-        print(f"{what} {row['status']}: {row['note']}", flush=True)
-        return
-    print(
-        f"{what} {row['median_ms']:9.0f} ms {row['peak_mb']:8.0f} MB "
-        f"(features {row['features_mb']:.0f} MB)  loss {row['loss']:.5f}",
-        flush=True,
-    )
-
-
-# --------------------------------------------------------------------------- the report
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    """The rows, columns :data:`FIELDS`, into a new file at ``path``."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _fmt(row.get(k)) for k in FIELDS})
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def markdown(rows: list[dict]) -> str:
-    """One line per global batch: each mode's time per step and peak memory, the cached
-    features, and how far accumulation's peak lies above one micro-batch's (plain
-    training at B = the micro-batch, when the sweep has it)."""
-    by = {(r["mode"], r["global_batch"]): r for r in rows if r["status"] == "ok"}
-    status = {(r["mode"], r["global_batch"]): r["status"] for r in rows}
-    micro = next((r["micro_batch"] for r in rows if r["mode"] == "accumulate"), None)
-    one = by.get(("plain", micro))
-    lines = [
-        f"| global batch | plain: ms/step | plain: peak MB | accumulate (micro-batch {micro}): "
-        "ms/step | accumulate: peak MB | cached features MB | accumulate above one "
-        "micro-batch: MB |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for big in sorted({r["global_batch"] for r in rows}):
-        cells = [str(big)]
-        for mode in MODES:
-            r = by.get((mode, big))
-            cells += (
-                [f"{r['median_ms']:.0f}", f"{r['peak_mb']:.0f}"] if r else [status[mode, big], ""]
-            )
-        acc = by.get(("accumulate", big))
-        above = acc["peak_mb"] - one["peak_mb"] if acc and one else None
-        cells.append(f"{acc['features_mb']:.1f}" if acc else "")
-        cells.append(f"{round(above):d}" if above is not None else "")  # no "-0"
-        lines.append("| " + " | ".join(cells) + " |")
-    if one:
-        lines.append(
-            f"\nOne micro-batch ({micro} pairs) trained plainly peaks at {one['peak_mb']:.0f} MB."
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: Path, mem_limit_mb: int | None) -> Path | None:
-    """Peak memory and time per step against the global batch, log-log, one line per
-    mode; the memory cap dashed, and where each mode ran out of memory marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
-        return None
-    batches = sorted({r["global_batch"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode in MODES:
-        mine = sorted((r for r in ok if r["mode"] == mode), key=lambda r: r["global_batch"])
-        label = mode if mode == "plain" else f"accumulate (micro-batch {mine[0]['micro_batch']})"
-        for ax, key in zip(axes, ("peak_mb", "median_ms"), strict=True):
-            if mine:
-                xs = [r["global_batch"] for r in mine]
-                ax.plot(xs, [max(r[key], 1e-3) for r in mine], marker="o", label=label)
-        oom = [r["global_batch"] for r in rows if r["mode"] == mode and r["status"] == "oom"]
-        if oom and mem_limit_mb:
-            axes[0].plot(oom[:1], [mem_limit_mb], "x", ms=10, mew=2, color="red")
-    if mem_limit_mb:
-        axes[0].axhline(mem_limit_mb, ls="--", color="grey", label="memory cap (x: out of memory)")
-    micro = next((r["micro_batch"] for r in ok if r["mode"] == "accumulate"), None)
-    one = [r for r in ok if r["mode"] == "plain" and r["global_batch"] == micro]
-    if one:
-        label = f"one micro-batch (plain, B={micro})"
-        axes[0].axhline(one[0]["peak_mb"], ls=":", color="grey", label=label)
-    for ax, title in zip(
-        axes, ("peak extra memory (MB)", "time per step (ms, median)"), strict=True
-    ):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("global batch")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, 0.92))
-    fig.suptitle(f"demo towers, {rows[0]['device']}, torch {rows[0]['torch_version']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_report(rows: list[dict], out: Path, name: str, args, load: str) -> list[Path]:
-    """Writes the CSV, the markdown table (with the run's settings and the machine's
-    load average before and after) and the plot; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / f"{name}.csv", out / f"{name}.md"
-    write_csv(rows, csv_path)
-    cap = f"{args.mem_limit_mb} MB" if args.mem_limit_mb else "none"
-    head = (
-        f"{rows[0]['device']}, torch {rows[0]['torch_version']}, {rows[0]['timestamp']}; "
-        f"extra-memory cap {cap}; {args.warmup} warm-up + {args.steps} timed steps per case; "
-        f"load average (1, 5, 15 min) {load}"
-    )
-    table = markdown(rows)
-    md_path.write_text(f"{head}\n\n{table}\n")
-    print("\n" + table)
-    png = plot(rows, out / f"{name}.png", args.mem_limit_mb)
-    return [p for p in (csv_path, md_path, png) if p is not None]
-
-
-# --------------------------------------------------------------------------- command line
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
