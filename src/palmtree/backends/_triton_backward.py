@@ -249,15 +249,37 @@ def _own_grad(
     ``with_dscale``; ``dbias`` only with ``bias``).
     """
     n_own, dim = own.shape
-    n_other = other.shape[0]
     f32 = dict(dtype=torch.float32, device=own.device)
-    b_own, b_other = plan.bwd_block_m, plan.bwd_block_n
-    blocks = triton.cdiv(n_own, b_own)
-    n_split, tiles_per_split = plan.splits(blocks, triton.cdiv(n_other, b_other))
+    blocks = triton.cdiv(n_own, plan.bwd_block_m)
+    n_split, tiles_per_split = plan.splits(blocks, triton.cdiv(other.shape[0], plan.bwd_block_n))
     partials = torch.empty(n_split, n_own, dim, **f32)
     dscale = torch.empty(blocks * n_split if with_dscale else 1, **f32)
     dbias = torch.empty_like(dscale)
     _grad_kernel[(blocks, n_split)](
+        **_inputs(own, other, scale, own_terms, other_terms, pos, bias, pair_dot),
+        D_OWN=partials,
+        D_OTHER=d_other if d_other is not None else partials,
+        DSCALE=dscale,
+        DBIAS=dbias,
+        **_sizes(own, other, pos),
+        tiles_per_split=tiles_per_split,
+        **_tiles(plan, precision),
+        OTHER_GRAD=d_other is not None,
+        WITH_DSCALE=with_dscale,
+        OWN_IS_U=own_is_u,
+        SIGMOID=bias is not None,
+    )
+    grad = partials[0] if n_split == 1 else partials.sum(0)
+    if not with_dscale:
+        return grad, None, None
+    return grad, dscale.sum(), (dbias.sum() if bias is not None else None)
+
+
+def _inputs(own, other, scale, own_terms, other_terms, pos: _Positives, bias, pair_dot) -> dict:
+    """The tensors :func:`_grad_kernel` reads. One that a launch lacks (``diag``,
+    ``pair_dot``, ``bias``) is stood in for by one it has: the kernel takes every pointer
+    on every launch, and its constexpr flags keep the stand-ins unread."""
+    return dict(
         OWN=own,
         OTHER=other,
         SCALE=scale,
@@ -269,37 +291,37 @@ def _own_grad(
         DIAG=pos.diag if pos.diag is not None else pos.weight,  # unread without a diag
         PAIR_DOT=pair_dot if pair_dot is not None else pos.weight,  # read only by dscale
         BIAS=bias if bias is not None else scale,
-        D_OWN=partials,
-        D_OTHER=d_other if d_other is not None else partials,
-        DSCALE=dscale,
-        DBIAS=dbias,
-        n_own=n_own,
-        n_other=n_other,
-        D=dim,
+    )
+
+
+def _sizes(own, other, pos: _Positives) -> dict:
+    """The sizes, strides and positive shifts of a launch: runtime integers, not
+    constexprs (those are :func:`_tiles`' and the flags)."""
+    return dict(
+        n_own=own.shape[0],
+        n_other=other.shape[0],
+        D=own.shape[1],
         n_pos=pos.weight.shape[0],
         pos_shift=pos.shift,
         pos_w_shift=pos.w_shift,
         stride_own=own.stride(0),
         stride_other=other.stride(0),
-        tiles_per_split=tiles_per_split,
-        BLOCK_OWN=b_own,
-        BLOCK_OTHER=b_other,
+    )
+
+
+def _tiles(plan, precision: str) -> dict:
+    """The tile sizes, precision and launch options the plan gives the backward kernel."""
+    return dict(
+        BLOCK_OWN=plan.bwd_block_m,
+        BLOCK_OTHER=plan.bwd_block_n,
         BLOCK_D=plan.block_d,
         S_BLOCK_K=min(plan.block_k, plan.block_d),
         DV_BLOCK_K=min(plan.bwd_block_k, plan.block_d),
         PRECISION=precision,
         INTERPRET=interpreting(),
-        OTHER_GRAD=d_other is not None,
-        WITH_DSCALE=with_dscale,
-        OWN_IS_U=own_is_u,
-        SIGMOID=bias is not None,
         num_warps=plan.bwd_num_warps,
         num_stages=plan.bwd_num_stages,
     )
-    grad = partials[0] if n_split == 1 else partials.sum(0)
-    if not with_dscale:
-        return grad, None, None
-    return grad, dscale.sum(), (dbias.sum() if bias is not None else None)
 
 
 def backward_grads(block, terms):
