@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-import palmtree
-
+from .. import __version__
 from ..backends import BACKENDS, fused_can_run
 from . import peers
 from .cases import DEFAULTS, QUICK, SIGLIP_BIAS, impl_label
@@ -136,7 +135,7 @@ def _measure(sweep: Sweep, csv_path: Path, written: list[tuple]) -> None:
         timestamp=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         device=device_name(sweep.device),
         torch_version=torch.__version__,
-        palmtree_version=palmtree.__version__,
+        palmtree_version=__version__,
     )
     where = f"{common['device']}, torch {torch.__version__}, isolate={sweep.isolate}"
     print(f"palmtree bench on {where}, loss {sweep.loss}")
@@ -184,5 +183,5 @@ def _sweep(args: argparse.Namespace, device: torch.device) -> Sweep:
 
 def _impl_version(impl: str) -> str:
     if impl in BACKENDS:
-        return "palmtree " + palmtree.__version__
+        return "palmtree " + __version__
     return f"{impl} {peers.peer_version(impl) or '?'}"

@@ -31,8 +31,6 @@ from pathlib import Path
 
 import torch
 
-import palmtree
-
 from .cases import SCALAR_GRADS, Case, case_context, loss_fn, make_inputs, scalar_leaves
 from .check import compare
 
@@ -229,7 +227,8 @@ def run_case_in_process(case: Case, timeout: float | None) -> dict:
 def run_worker(cmd: list[str], timeout: float | None) -> dict:
     """Runs a worker command that prints its result as ``RESULT_MARK + json`` on stdout;
     a timeout, a SIGKILL (most likely the memory cap) or a crash become a status row."""
-    src = str(Path(palmtree.__file__).resolve().parents[1])
+    # The worker imports this same palmtree: src/, two folders above this file.
+    src = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     try:

@@ -7,9 +7,8 @@ import os
 
 import torch
 
-from palmtree.backends import fused_can_run
-from palmtree.distributed import launched_world
-
+from ..backends import fused_can_run
+from ..distributed import launched_world
 from .config import TrainConfig
 
 

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from palmtree import masked_mean_pool
-
+from .. import masked_mean_pool
 from .data import CaptionedImages
 from .models import DualEncoder
 from .tokenizer import pad_batch

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import palmtree
+from .. import ClipLoss, SigLipLoss
 
 
 @dataclass
@@ -126,9 +126,9 @@ def build_loss(config: ModelConfig) -> nn.Module:
         backend=config.backend,
     )
     if config.loss == "siglip":
-        return palmtree.SigLipLoss(**common, init_logit_bias=config.init_logit_bias)
+        return SigLipLoss(**common, init_logit_bias=config.init_logit_bias)
     if config.loss == "clip":
-        return palmtree.ClipLoss(**common)
+        return ClipLoss(**common)
     raise ValueError(f"unknown loss {config.loss!r}")
 
 

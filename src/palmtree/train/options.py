@@ -10,8 +10,7 @@ import argparse
 import codecs
 import math
 
-from palmtree.backends import BACKENDS
-
+from ..backends import BACKENDS
 from ..options import LOSSES
 from .checks import flag_problem
 from .config import AUTOCAST_MODES, TrainConfig
@@ -73,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _data_flags(p.add_argument_group("data"))
-    _training_flags(p.add_argument_group("training"))
+    training = p.add_argument_group("training")
+    _batch_flags(training)
+    _step_flags(training)
     _model_flags(p.add_argument_group("model"))
     _run_flags(p.add_argument_group("run"))
     return p
@@ -132,7 +133,8 @@ def _data_flags(data) -> None:
     )
 
 
-def _training_flags(train) -> None:
+def _batch_flags(train) -> None:
+    """The loss, and how many pairs a rank trains on per step and in all."""
     train.add_argument(
         "--loss",
         choices=LOSSES,
@@ -158,6 +160,10 @@ def _training_flags(train) -> None:
     train.add_argument(
         "--epochs", type=_positive_int, default=DEFAULTS.epochs, help="(default %(default)s)"
     )
+
+
+def _step_flags(train) -> None:
+    """The optimiser and its schedule, the precision, the seed and an early stop."""
     train.add_argument(
         "--lr",
         type=_positive_float,

@@ -32,18 +32,30 @@ def epoch_means(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_curves(metrics_path: Path, out_path: Path, title: str = "") -> Path:
+    """Draws the loss, the accuracies and the logit scale (and SigLIP's bias) of
+    ``metrics_path`` side by side into the PNG ``out_path``; returns ``out_path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train, evals = read_metrics(metrics_path)
-    steps = [r["step"] for r in train]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), constrained_layout=True)
+    _loss_panel(axes[0], train)
+    _accuracy_panel(axes[1], train, evals)
+    _scale_panel(axes[2], train)
+    if title:
+        fig.suptitle(title)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
 
-    ax = axes[0]
+
+def _loss_panel(ax, train: list[dict]) -> None:
+    """The loss per step, and its epoch means."""
     ax.plot(
-        steps,
+        [r["step"] for r in train],
         [r["loss"] for r in train],
         lw=0.8,
         alpha=0.35,
@@ -56,7 +68,10 @@ def plot_curves(metrics_path: Path, out_path: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
-    ax = axes[1]
+
+def _accuracy_panel(ax, train: list[dict], evals: list[dict]) -> None:
+    """The held-out metrics at each evaluation (those the run has), and the epoch means of
+    the batch accuracies."""
     eval_steps = [r["step"] for r in evals]
     series = [
         ("zero_shot_top1", "held-out zero-shot top-1", "tab:green", "o-"),
@@ -76,7 +91,10 @@ def plot_curves(metrics_path: Path, out_path: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center right")
 
-    ax = axes[2]
+
+def _scale_panel(ax, train: list[dict]) -> None:
+    """The logit scale per step, and SigLIP's bias on a second axis."""
+    steps = [r["step"] for r in train]
     ax.plot(steps, [r["logit_scale"] for r in train], lw=1, color="tab:purple")
     ax.set_xlabel("step")
     ax.set_ylabel("logit scale exp(t) (cap 100)")
@@ -85,10 +103,3 @@ def plot_curves(metrics_path: Path, out_path: Path, title: str = "") -> Path:
         bias = ax.twinx()
         bias.plot(steps, [r["logit_bias"] for r in train], lw=1, color="tab:olive")
         bias.set_ylabel("logit bias b (SigLIP)", color="tab:olive")
-
-    if title:
-        fig.suptitle(title)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path

@@ -19,8 +19,7 @@ import math
 
 import torch
 
-from palmtree.accumulate import accumulate
-
+from ..accumulate import accumulate
 from .config import RankContext, TrainConfig
 from .models import Autocast, DualEncoder
 
