@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import masked_mean_pool
+from ..normalize import NORM_EPS
 from .data import CaptionedImages
 from .models import DualEncoder
 from .tokenizer import pad_batch
@@ -40,7 +41,7 @@ def embed_images(
             x = model.image(images[start : start + batch].to(device))
         proj = model.loss_fn.image_proj
         x = x.float() if proj is None else proj(x.float())
-        out.append(F.normalize(x, dim=-1, eps=1e-6))
+        out.append(F.normalize(x, dim=-1, eps=NORM_EPS))
     return torch.cat(out) if out else torch.empty(0, model.loss_fn.embed_dim or 0)
 
 
@@ -58,7 +59,7 @@ def embed_texts(
         pooled = masked_mean_pool(latents.float(), mask)
         proj = model.loss_fn.text_proj
         pooled = pooled if proj is None else proj(pooled)
-        out.append(F.normalize(pooled, dim=-1, eps=1e-6))
+        out.append(F.normalize(pooled, dim=-1, eps=NORM_EPS))
     return torch.cat(out)
 
 
