@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/precision_error.py [--batch 4096] [--dim 512]
 
 Inputs are ``palmtree.testing.make_pairs``'s correlated pairs (a realistic loss, not
-zeros) and the truth is ``palmtree.testing.reference``, the float64 loss of one process
+zeros) and the truth is ``palmtree.testing.clip_truth``, the float64 loss of one process
 on the same inputs. Errors are relative: |x - x64| / |x64| for the loss and the scale's
 gradient, ||g - g64|| / ||g64|| (Frobenius) for the feature gradients. "bounds" says
 whether the loss and the scale's gradient lie within the error bounds ``testing`` derives
@@ -27,7 +27,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() - b).norm() / b.norm())
 
 
-def bounds(loss, d_scale, exact: testing.Reference) -> str:
+def bounds(loss, d_scale, exact: testing.ClipTruth) -> str:
     """``within``, or which of the loss and the scale's gradient fell outside its bound."""
     outside = [
         name
@@ -55,7 +55,7 @@ def main():
         log_scale = math.log(scale)
         for precision in ("ieee", "tf32", "bf16"):
             # The same float64 values each time; the bounds depend on the precision.
-            exact = testing.reference(img, txt, log_scale, precision=precision)
+            exact = testing.clip_truth(img, txt, log_scale, precision=precision)
             i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
             ls = torch.tensor(log_scale, requires_grad=True)
             out = palmtree.clip_loss(i, t, ls, backend=args.backend, precision=precision)

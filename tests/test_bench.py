@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from palmtree import clip_loss, siglip_loss, testing
-from palmtree.options import LOSSES
 from palmtree.bench import (
     FIELDS,
     cases,
@@ -32,6 +31,7 @@ from palmtree.bench import (
     report,
     sweep,
 )
+from palmtree.options import LOSSES
 
 OPEN_CLIP = peers.peer_status("open_clip", "cpu")
 needs_open_clip = pytest.mark.skipif(OPEN_CLIP is not None, reason=str(OPEN_CLIP))

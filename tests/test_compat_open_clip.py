@@ -42,7 +42,7 @@ def truth(sizes, seed, log_scale=LOG_SCALE):
     """float64 loss, per-rank shares and gradients of the global loss: open_clip's setting
     (features already unit vectors, not normalised again; no cap on the scale)."""
     img, txt = unit_batch(sum(sizes), seed)
-    ref = testing.reference(
+    ref = testing.clip_truth(
         img, txt, log_scale, sizes=sizes, logit_scale_max=math.inf, normalize=False
     )
     return {"shares": ref.shares, "d_img": ref.d_img, "d_txt": ref.d_txt, "d_scale": ref.d_scale}
@@ -299,7 +299,7 @@ def test_siglip_uneven_splits_are_exact(world, backend):
     sizes = [3, 6] if n == 2 else [4, 0, 5]
     results = world.run(siglip_uneven, sizes, 5, backend)
     img, txt = unit_batch(sum(sizes), 5)
-    exact = testing.siglip_reference(
+    exact = testing.siglip_truth(
         img,
         txt,
         math.log(10.0),

@@ -56,7 +56,7 @@ def _check(results, sizes, weights, dim, seed, log_scale, backend, kind="correla
     """
     n = len(sizes)
     img, txt = testing.make_pairs(sum(sizes), dim, seed, kind=kind)
-    exact = testing.reference(img, txt, log_scale, sizes=sizes, weights=weights)
+    exact = testing.clip_truth(img, txt, log_scale, sizes=sizes, weights=weights)
     plain = testing.plain_fp32(img, txt, log_scale, sizes=sizes, weights=weights)
     for rank, r in enumerate(results):
         testing.check_scalar(
@@ -118,10 +118,10 @@ def test_group_limits_the_negatives(world, backend, loss):
         part = sizes[2 * mine : 2 * mine + 2]
         img, txt = testing.make_pairs(sum(part), 8, seed=11 + mine)
         if loss == "clip":
-            exact = testing.reference(img, txt, 2.0, sizes=part)
+            exact = testing.clip_truth(img, txt, 2.0, sizes=part)
             plain = testing.plain_fp32(img, txt, 2.0, sizes=part)
         else:
-            exact = testing.siglip_reference(img, txt, 2.0, -3.0, sizes=part)
+            exact = testing.siglip_truth(img, txt, 2.0, -3.0, sizes=part)
             plain = testing.plain_fp32_siglip(img, txt, 2.0, -3.0, sizes=part)
         ranks = results[2 * mine : 2 * mine + 2]
         for r in ranks:
@@ -242,9 +242,7 @@ def test_siglip_matches_single_process(world, backend):
                 chunk_size=5,
             )
             img, txt = testing.make_pairs(sum(sizes), 24, 200 + k)
-            exact = testing.siglip_reference(
-                img, txt, log_scale, bias, sizes=sizes, weights=weights
-            )
+            exact = testing.siglip_truth(img, txt, log_scale, bias, sizes=sizes, weights=weights)
             plain = testing.plain_fp32_siglip(
                 img, txt, log_scale, bias, sizes=sizes, weights=weights
             )

@@ -344,7 +344,7 @@ def test_every_pass_at_the_cap_across_ranks(kind, plan, sizes):
 def _exact_clip_gradients(u, v, scale):
     """float64 ``dL/dU``, ``dL/dV`` and ``dL/ds`` of the CLIP loss on unit rows (no
     normalisation), and the bound on fp32's ``dL/ds``."""
-    ref = testing.reference(
+    ref = testing.clip_truth(
         u.cpu(), v.cpu(), math.log(scale), normalize=False, scale_cap="straight_through"
     )
     raw = math.exp(math.log(scale))  # d/dlog(s) = raw * dL/ds
@@ -401,7 +401,7 @@ def test_clip_loss_with_the_fused_backend(precision):
         out = clip_loss(i, t, ls, backend=backend, precision=precision)
         out.loss.backward()
         results[backend] = (out.loss.detach(), i.grad, t.grad, ls.grad)
-    want = testing.reference(img, txt, log_scale)
+    want = testing.clip_truth(img, txt, log_scale)
     fused, chunked = ([x.cpu() for x in results[b]] for b in ("fused", "chunked"))
     for k, name in ((1, "d_img"), (2, "d_txt")):
         testing.check_tensor(f"{precision} {name}", fused[k], chunked[k], getattr(want, name))

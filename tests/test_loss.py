@@ -31,7 +31,7 @@ def run(img, txt, log_scale=LOG_10, **kw):
 @pytest.mark.parametrize("big,dim,chunk", [(1, 5, None), (67, 40, 16), (130, 24, 7)])
 def test_matches_float64(backend, big, dim, chunk):
     img, txt = make_pairs(big, dim, seed=big)
-    exact = testing.reference(img, txt, LOG_10)
+    exact = testing.clip_truth(img, txt, LOG_10)
     plain = testing.plain_fp32(img, txt, LOG_10)
     out, di, dt, ds = run(img, txt, backend=backend, precision="ieee", chunk_size=chunk)
     testing.check_scalar("loss", out.loss, exact.loss, exact.loss_bound)
@@ -47,7 +47,7 @@ def test_a_small_loss_keeps_its_digits(backend, log_scale):
     """A peaked softmax at a large scale: a loss far below 1e-3 is held to a bound
     relative to itself (no ``eps * scale`` allowance), for the loss and both halves."""
     img, txt = make_pairs(64, 24, seed=4, kind="aligned")
-    exact = testing.reference(img, txt, log_scale)
+    exact = testing.clip_truth(img, txt, log_scale)
     assert float(exact.loss) < 1e-3
     out = run(img, txt, log_scale, backend=backend, precision="ieee")[0]
     testing.check_scalar("loss", out.loss, exact.loss, exact.loss_bound)
@@ -60,7 +60,7 @@ def test_a_small_loss_keeps_its_digits(backend, log_scale):
 def test_the_loss_bound_catches_an_lse_that_cancels():
     """The rule has teeth: ``(max + log(sum)) - positive`` in fp32 fails it."""
     img, txt = make_pairs(64, 24, seed=4, kind="aligned")
-    exact = testing.reference(img, txt, math.log(30.0))
+    exact = testing.clip_truth(img, txt, math.log(30.0))
     u = torch.nn.functional.normalize(img, dim=1)
     v = torch.nn.functional.normalize(txt, dim=1)
     s = 30.0 * u @ v.T
@@ -87,7 +87,7 @@ def test_reduced_precision_is_as_good_as_plain_pytorch(precision, unit):
     """chunked vs float64: sums within the bound for rounded operands, gradient tensors
     no worse than the same operand rounding done by plain autograd."""
     img, txt = make_pairs(96, 64, seed=2)
-    exact = testing.reference(img, txt, LOG_10, precision=precision)
+    exact = testing.clip_truth(img, txt, LOG_10, precision=precision)
     ref = run(img, txt, backend="reference", precision=precision)
     ours = run(img, txt, backend="chunked", precision=precision, chunk_size=32)
     # chunked also rounds G to the operand precision before its products (as a GPU
@@ -199,7 +199,7 @@ def test_metrics():
     out = clip_loss(img, txt, torch.tensor(LOG_10))
     assert float(out.acc_i2t) == pytest.approx(0.8)
     assert float(out.acc_t2i) == pytest.approx(0.8)
-    exact = testing.reference(img, txt, LOG_10)
+    exact = testing.clip_truth(img, txt, LOG_10)
     testing.check_scalar("loss_global", out.loss_global, exact.loss, exact.loss_bound)
     assert float((out.loss_i2t + out.loss_t2i) / 2) == pytest.approx(float(out.loss_global))
     m = out.metrics()

@@ -38,7 +38,7 @@ def run(img, txt, log_scale, bias, **kw):
 def check(out, grads, img, txt, log_scale, bias, precision="ieee"):
     """Sums within their derived bounds, gradient tensors within 2x plain fp32 autograd
     (the worst of four feature orders)."""
-    exact = testing.siglip_reference(img, txt, log_scale, bias, precision=precision)
+    exact = testing.siglip_truth(img, txt, log_scale, bias, precision=precision)
     for name, ours, want, bound in (
         ("loss", out.loss, exact.loss, exact.loss_bound),
         ("loss_global", out.loss_global, exact.loss, exact.loss_bound),
@@ -98,7 +98,7 @@ def test_fused_plans_and_precisions(plan, precision, monkeypatch):
     check(out, grads, img, txt, math.log(30.0), -5.0, precision)
     if precision != "ieee":  # rounded operands: as good as chunked with the same rounding
         _, want = run(img, txt, math.log(30.0), -5.0, backend="chunked", precision=precision)
-        exact = testing.siglip_reference(img, txt, math.log(30.0), -5.0)
+        exact = testing.siglip_truth(img, txt, math.log(30.0), -5.0)
         for name in ("d_img", "d_txt"):
             testing.check_tensor(name, grads[name], want[name], getattr(exact, name))
 
@@ -177,7 +177,7 @@ def test_fused_at_training_size_on_cuda(precision, bias):
         b: run(img, txt, math.log(100.0), bias, backend=b, precision=precision)
         for b in ("fused", "chunked")
     }
-    exact = testing.siglip_reference(img, txt, math.log(100.0), bias, precision=precision)
+    exact = testing.siglip_truth(img, txt, math.log(100.0), bias, precision=precision)
     out, grads = runs["fused"]
     testing.check_scalar("loss", out.loss, exact.loss, exact.loss_bound)
     testing.check_scalar("d_scale", grads["d_scale"], exact.d_scale, exact.d_scale_bound)

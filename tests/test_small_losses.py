@@ -7,7 +7,7 @@ comes from terms of the size of the weights that cancel, keeping ``eps / loss`` 
 accuracy: 4e-3 at ``s = 20`` (plain autograd 1e-2), a wrong sign at 50. Every backend
 instead measures each similarity against its row's and its column's positive
 (``palmtree.backends.base``), so that those terms share a sign; the float64 truth is
-formed the same way, and the bound (``palmtree.testing.reference``) is that formation's
+formed the same way, and the bound (``palmtree.testing.clip_truth``) is that formation's
 error analysis, relative to the value. Each backend is held to it in one process and on
 gloo ranks whose columns' positives live on other ranks; the cancelling formation (plain
 fp32 autograd) fails it. SigLIP's gradients have no such identity: the tests hold them to
@@ -57,7 +57,7 @@ def relative(ours, exact) -> float:
 
 
 def test_the_truth_keeps_its_digits():
-    """``testing.reference``'s ``d_scale`` against float64 autograd of the loss written
+    """``testing.clip_truth``'s ``d_scale`` against float64 autograd of the loss written
     with every logit's difference to its positive taken before the scale: no sum that
     cancels anywhere. Formed as ``sum G * (U V^T)`` even float64 has nothing left of a
     loss of 5e-24 (its error, ~1e-16 of the weights, is 1e10 times the value)."""
@@ -73,7 +73,7 @@ def test_the_truth_keeps_its_digits():
             terms.append(F.softplus(torch.logsumexp(gaps, dim=1)))
         total = torch.cat(terms).sum() / (2 * B)
         total.backward()
-        exact = testing.reference(img, txt, log_of(scale))
+        exact = testing.clip_truth(img, txt, log_of(scale))
         assert float(exact.loss) == pytest.approx(total.item(), rel=1e-12)
         assert float(exact.loss) < loss
         assert relative(exact.d_scale, theta.grad) < 1e-12, (scale, exact.d_scale, theta.grad)
@@ -83,7 +83,7 @@ def test_the_truth_keeps_its_digits():
 @pytest.mark.parametrize("scale", SCALES)
 def test_the_temperature_gradient_keeps_its_digits(backend, scale):
     img, txt = pairs()
-    exact = testing.reference(img, txt, log_of(scale))
+    exact = testing.clip_truth(img, txt, log_of(scale))
     assert float(exact.loss) < SCALES[scale]
     # The bound is relative to the value: the formation's, not an allowance for cancelling.
     assert exact.d_scale_bound < 1e-3 * abs(float(exact.d_scale))
@@ -97,7 +97,7 @@ def test_the_cancelling_formation_fails_the_bound(scale):
     """The rule has teeth: plain fp32 autograd forms ``sum (P - I) * (U V^T)``, which
     cancels at a peaked softmax (relative error 1e-2 at s = 20, of order 1 beyond)."""
     img, txt = pairs()
-    exact = testing.reference(img, txt, log_of(scale))
+    exact = testing.clip_truth(img, txt, log_of(scale))
     plain = testing.plain_fp32(img, txt, log_of(scale))
     with pytest.raises(AssertionError, match="d_scale: error"):
         testing.check_scalar("d_scale", plain["d_scale"], exact.d_scale, exact.d_scale_bound)
@@ -126,7 +126,7 @@ def test_on_gloo_ranks(world, backend):
     for scale in (20.0, 99.0):
         args = (backend, "ieee", SIZES, WEIGHTS, DIM, 0, log_of(scale))
         results = world.run(loss_and_grads, *args, kind="aligned")
-        exact = testing.reference(img, txt, log_of(scale), sizes=SIZES, weights=WEIGHTS)
+        exact = testing.clip_truth(img, txt, log_of(scale), sizes=SIZES, weights=WEIGHTS)
         assert exact.d_scale_bound < 1e-3 * abs(float(exact.d_scale))
         d_scale = torch.stack([r["d_scale"].double() for r in results]).mean()
         label = f"{backend} s={scale:g} d_scale"
@@ -140,7 +140,7 @@ def test_siglip_on_gloo_ranks(world, backend):
     for bias in SIGLIP_BIASES:
         args = (backend, "ieee", SIZES, WEIGHTS, DIM, 0, log_scale)
         results = world.run(loss_and_grads, *args, kind="aligned", bias=bias)
-        exact = testing.siglip_reference(img, txt, log_scale, bias, sizes=SIZES, weights=WEIGHTS)
+        exact = testing.siglip_truth(img, txt, log_scale, bias, sizes=SIZES, weights=WEIGHTS)
         for name in ("d_scale", "d_bias"):
             mean = torch.stack([r[name].double() for r in results]).mean()
             testing.check_scalar(
@@ -171,7 +171,7 @@ def test_siglip_gradients_at_a_small_loss(backend, bias):
     error. Each term is formed to relative accuracy: a positive's ``G`` as
     ``-w sigmoid(-x)``, never ``w (sigmoid(x) - 1)``."""
     img, txt = pairs()
-    exact = testing.siglip_reference(img, txt, log_of(99.0), bias)
+    exact = testing.siglip_truth(img, txt, log_of(99.0), bias)
     assert float(exact.loss) < 1e-6
     ours = siglip_grads(img, txt, log_of(99.0), bias, backend)
     for name, value in zip(("d_scale", "d_bias"), ours, strict=True):
@@ -185,7 +185,7 @@ def test_siglip_positives_formed_as_one_minus_sigmoid_fail_the_bound():
     ``w (sigmoid(x) - 1)`` in fp32 keeps ``eps`` of ``w`` where the truth is ``3e-7 w``."""
     img, txt = pairs()
     log_scale, bias = log_of(99.0), SIGLIP_BIASES[0]
-    exact = testing.siglip_reference(img, txt, log_scale, bias)
+    exact = testing.siglip_truth(img, txt, log_scale, bias)
     u, v = F.normalize(img, dim=1), F.normalize(txt, dim=1)
     x = math.exp(log_scale) * (u @ v.T) + bias
     eye = torch.eye(B, dtype=torch.bool)

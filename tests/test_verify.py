@@ -137,7 +137,7 @@ def test_losses_selects_the_rows(capsys):
 
 def _truth():
     img, txt = testing.make_pairs(40, 8, seed=3)
-    return testing.reference(img, txt, math.log(20.0), sizes=[15, 25])
+    return testing.clip_truth(img, txt, math.log(20.0), sizes=[15, 25])
 
 
 @pytest.mark.parametrize("factor, passes", [(0.5, True), (2.0, False)])
@@ -169,7 +169,7 @@ def test_a_gradient_the_projection_zeroes_is_held_to_its_size():
     rounding noise at a few rows; the bound adds ``1e-6`` of the gradient's size before
     the projection (``d_img_size``) and still fails a result off by twice that."""
     img, txt = testing.make_pairs(47, 1, seed=0, noise=checks.NOISE)
-    ref = testing.reference(img, txt, math.log(99.0))
+    ref = testing.clip_truth(img, txt, math.log(99.0))
     plain = testing.plain_fp32(img, txt, math.log(99.0))
     assert float(ref.d_img.abs().max()) == 0.0 and ref.d_img_size > 0
     bound = testing.tensor_bound(plain["d_img"], ref.d_img, size=ref.d_img_size)
@@ -183,7 +183,7 @@ def test_a_gradient_the_projection_zeroes_is_held_to_its_size():
         testing.check_tensor("d_img", off, plain["d_img"], ref.d_img, size=ref.d_img_size)
     # Where the truth is not 0 the size changes nothing.
     img, txt = testing.make_pairs(47, 16, seed=0, noise=checks.NOISE)
-    ref = testing.reference(img, txt, math.log(99.0))
+    ref = testing.clip_truth(img, txt, math.log(99.0))
     plain = testing.plain_fp32(img, txt, math.log(99.0))
     unchanged = testing.tensor_bound(plain["d_img"], ref.d_img)
     assert testing.tensor_bound(plain["d_img"], ref.d_img, size=ref.d_img_size) == unchanged
@@ -221,7 +221,7 @@ def test_the_truth_is_testings():
     case = checks.cases(opts)[0]
     assert case.log_scale == float(torch.tensor(math.log(case.scale)))
     truth = checks.Truth.compute(case, "ieee", img, txt, [12, 18])
-    ref = testing.reference(img, txt, case.log_scale, sizes=[12, 18])
+    ref = testing.clip_truth(img, txt, case.log_scale, sizes=[12, 18])
     assert torch.equal(truth.exact.shares, ref.shares) and truth.exact.loss_bound == ref.loss_bound
     assert [c.loss for c in checks.cases(opts)] == ["clip", "clip", "siglip", "siglip"]
 

@@ -127,10 +127,10 @@ def gradients(kind, backend, pieces, seeds=None, dropout=0.0):
         out.append(grads)
     theta = float(loss.logit_scale.detach())
     if kind == "clip":
-        ref = testing.reference(img32, txt32, theta)
+        ref = testing.clip_truth(img32, txt32, theta)
         bounds = {"loss.logit_scale": ref.d_scale_bound}
     else:
-        ref = testing.siglip_reference(img32, txt32, theta, float(loss.logit_bias.detach()))
+        ref = testing.siglip_truth(img32, txt32, theta, float(loss.logit_bias.detach()))
         bounds = {"loss.logit_scale": ref.d_scale_bound, "loss.logit_bias": ref.d_bias_bound}
     plain, exact = out
     return exact, plain, bounds

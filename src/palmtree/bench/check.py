@@ -3,11 +3,11 @@
 ``loss_diff = |loss - L| / |L|`` (``|loss - L|`` where ``L`` is 0, as the CLIP loss of
 one pair is) and ``grad_diff``, the largest of ``max|g - g*| / max|g*|``
 over the image features, the text features, the log-temperature and (SigLIP) the bias,
-where ``L, g*`` come from :func:`palmtree.testing.reference` (CLIP, on the bench's
-device) or :func:`palmtree.testing.siglip_reference` (SigLIP, on the CPU) on the same
+where ``L, g*`` come from :func:`palmtree.testing.clip_truth` (CLIP, on the bench's
+device) or :func:`palmtree.testing.siglip_truth` (SigLIP, on the CPU) on the same
 inputs, computed once per ``(B, D)``.
 
-The reference also bounds the error that an fp32 computation of the loss and of the
+The truth also bounds the error that an fp32 computation of the loss and of the
 gradients of the scalar inputs may have (docs/design.md, "What exact means"); a row's
 ``note`` says whether they lie within those bounds. The bound depends on the operand precision,
 and each precision's bound takes another pass over the ``B x B`` logits, so it is
@@ -47,17 +47,17 @@ def truth(
     scalar's ``<name>_bound``, ``precision`` and ``loss_kind``; tensors on the CPU. The
     CLIP truth runs on the inputs' device, on CUDA in row blocks of 256 MB (the default
     blocks of 32 MB would mean thousands of small launches at the GPU sizes);
-    ``testing.siglip_reference`` runs on the CPU.
+    ``testing.siglip_truth`` runs on the CPU.
     """
     if loss == "siglip":
         img, txt = img.cpu(), txt.cpu()
-        ref = testing.siglip_reference(
+        ref = testing.siglip_truth(
             img, txt, log_scale, logit_bias, logit_scale_max=SCALE_CAP, precision=precision
         )
     else:
         big = max(len(img), 1)
         block = max(1, (1 << 25) // big) if img.is_cuda else None
-        ref = testing.reference(
+        ref = testing.clip_truth(
             img, txt, log_scale, logit_scale_max=SCALE_CAP, precision=precision, block=block
         )
     names = ("loss", "d_img", "d_txt", *SCALAR_GRADS[loss])

@@ -109,13 +109,13 @@ def run_checks(rank: int, n: int, device, opts: Options, progress=lambda step: N
 
 @dataclass
 class Truth:
-    """The float64 truth of one case on the whole batch (``testing.Reference`` or
-    ``testing.SigLipReference``, bounds for ``precision``), and the bounds of the two
+    """The float64 truth of one case on the whole batch (``testing.ClipTruth`` or
+    ``testing.SigLipTruth``, bounds for ``precision``), and the bounds of the two
     gradient tensors from a plain fp32 computation with the same operand rounding and
     the gradients' sizes before the normalisation's projection
     (:func:`palmtree.testing.tensor_bound`)."""
 
-    exact: testing.Reference | testing.SigLipReference
+    exact: testing.ClipTruth | testing.SigLipTruth
     d_image_bound: float
     d_text_bound: float
 
@@ -129,12 +129,12 @@ class Truth:
         block = max(1, (1 << 25) // len(img)) if img.is_cuda else None  # fewer launches
         kw = dict(sizes=sizes, precision=precision)
         if case.loss == "clip":
-            exact = testing.reference(img, txt, case.log_scale, block=block, **kw)
+            exact = testing.clip_truth(img, txt, case.log_scale, block=block, **kw)
 
             def plain(i, t):
                 return testing.plain_fp32(i, t, case.log_scale, **kw)
         else:
-            exact = testing.siglip_reference(img, txt, case.log_scale, case.bias, block=block, **kw)
+            exact = testing.siglip_truth(img, txt, case.log_scale, case.bias, block=block, **kw)
 
             def plain(i, t):
                 return testing.plain_fp32_siglip(i, t, case.log_scale, case.bias, **kw)

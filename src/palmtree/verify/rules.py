@@ -5,7 +5,7 @@ Each quantity of a row is one or more comparisons of a result with its float64 t
 
 * sums (each rank's loss, ``loss_global``, SigLIP's ``loss_pos`` and ``loss_neg``, the
   temperature's and the bias's gradients) pass when ``|ours - float64| <= bound``, the
-  bound that :func:`palmtree.testing.reference` derives from the computation itself
+  bound that :func:`palmtree.testing.clip_truth` derives from the computation itself
   (the rule of :func:`palmtree.testing.check_scalar`): relative to the value, with no
   absolute allowance, so a small loss must keep its digits;
 * gradient tensors pass when ``max |ours - float64|`` is at most
