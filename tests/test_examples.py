@@ -1,7 +1,7 @@
 """Each example in examples/ runs on CPU with 2 gloo ranks, for 2 steps.
 
-The DDP and Hugging Face examples are launched with torchrun (as their docstrings
-say); the Lightning one launches its own ranks. Each must see the whole global batch
+The DDP, FSDP2 and Hugging Face examples are launched with torchrun (as their
+docstrings say); the Lightning one launches its own ranks. Each must see the whole global batch
 (``global batch`` = the sum of the ranks' batches) and exit 0. An example whose library
 is not installed is skipped, saying so.
 """
@@ -57,6 +57,14 @@ def run_example(cmd: list[str], timeout: float = 240) -> str:
 @pytest.mark.slow
 def test_ddp_minimal():
     out = run_example([*TORCHRUN, str(EXAMPLES / "ddp_minimal.py"), "--steps", "2", "--batch", "8"])
+    assert "step    2/2" in out and "global batch 15" in out  # 8 + 7: uneven ranks
+
+
+@pytest.mark.slow
+def test_fsdp2_clip():
+    """With ``--bf16``: bf16 towers, the loss module sharded apart with fp32 parameters."""
+    cmd = [*TORCHRUN, str(EXAMPLES / "fsdp2_clip.py"), "--steps", "2", "--batch", "8", "--bf16"]
+    out = run_example(cmd)
     assert "step    2/2" in out and "global batch 15" in out  # 8 + 7: uneven ranks
 
 

@@ -103,7 +103,7 @@ class ClipLoss(LossModule):
         options: LossOptions,
     ):
         super().__init__(image_dim, text_dim, embed_dim, options)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
 
     def compute(self, opts, image_features, text_features, text_mask, error) -> ClipLossOutput:
         return clip_loss_with(

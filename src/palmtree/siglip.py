@@ -115,8 +115,8 @@ class SigLipLoss(LossModule):
         options: LossOptions,
     ):
         super().__init__(image_dim, text_dim, embed_dim, options)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
+        self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
+        self.logit_bias = nn.Parameter(torch.tensor([float(init_logit_bias)]))
 
     def compute(self, opts, image_features, text_features, text_mask, error) -> SigLipLossOutput:
         return siglip_loss_with(

@@ -116,10 +116,23 @@ def restore(
     return state
 
 
+def _moments_shaped_as_params(optimizer: torch.optim.Optimizer) -> None:
+    """A checkpoint from before the loss's scalars became ``[1]``-shaped holds their
+    optimiser moments 0-dim: shaped as their parameters now (``step`` stays a count)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            moments = optimizer.state.get(param, {})
+            for key, value in moments.items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.ndim == 0:
+                    if param.numel() == 1:
+                        moments[key] = value.reshape(param.shape)
+
+
 def _load(state: TrainState, saved: dict, path: Path, steps_per_epoch: int, ctx) -> None:
     try:
         state.model.load_state_dict(saved["model"])
         state.optimizer.load_state_dict(saved["optimizer"])
+        _moments_shaped_as_params(state.optimizer)
         if state.scaler is not None and "scaler" in saved:
             state.scaler.load_state_dict(saved["scaler"])
     except (KeyError, RuntimeError, ValueError) as exc:
