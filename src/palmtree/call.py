@@ -28,6 +28,7 @@ from .options import LossOptions
 from .pooling import masked_mean_pool_fp32
 from .precision import resolve_precision
 from .scale import capped_scale, loss_range_problem
+from .tracing import GraphChecks, compiling, finite_findings, require_usable_scale
 
 
 @dataclass
@@ -61,24 +62,28 @@ def prepare(
     device = _device_of(image, text)
     # Everything numeric is fp32 whatever autocast says (pooling included).
     with torch.autocast(device.type, enabled=False):
-        try:
-            local = _check_locally(
-                loss, opts, group, device, image, text, text_mask, logit_scale, logit_bias
-            )
-        except Exception as exc:  # whatever it is, every rank must hear of it
-            local = _Checked(f"checking this rank's input failed: {type(exc).__name__}: {exc}")
+        args = (loss, opts, group, device, image, text, text_mask, logit_scale, logit_bias)
+        if compiling():  # a graph has no handler to turn an error into a message
+            local = _check_locally(*args)
+        else:
+            try:
+                local = _check_locally(*args)
+            except Exception as exc:  # whatever it is, every rank must hear of it
+                message = f"checking this rank's input failed: {type(exc).__name__}: {exc}"
+                local = _Checked(message)
         error = local_error or local.error
         b_local = image.shape[0] if error is None else 0
         agreed = agreed_fields(
             opts, loss, local.backend, local.precision, image, text, *local.values
         )
-        layout = exchange_layout(b_local, agreed, device, error, group)
-        if layout.b_global == 0:
-            raise ClipLossInputError("the global batch is empty: every rank passed 0 pairs")
-        # The same values and B on every rank: the same verdict, with no more exchange.
-        overflow = loss_range_problem(loss, *local.values, opts.logit_scale_max, layout.b_global)
-        if overflow is not None:
-            raise ClipLossInputError(overflow)
+        layout = exchange_layout(b_local, agreed, device, error, group, local.graph_checks)
+        if compiling():
+            _require_values(loss, opts, local, layout.b_global)
+        else:  # the same values and B on every rank: the same verdict, no more exchange
+            B = layout.b_global
+            overflow = loss_range_problem(loss, *local.values, opts.logit_scale_max, B)
+            if overflow is not None:
+                raise ClipLossInputError(overflow)
         scale = capped_scale(local.logit_scale, opts.logit_scale_max, opts.scale_cap)
         bias = local.logit_bias.float() if loss == "siglip" else None
     return Call(layout, image, local.text, scale, bias, local.backend, local.precision, device)
@@ -96,6 +101,8 @@ class _Checked:
     logit_scale: torch.Tensor | None = None
     logit_bias: torch.Tensor | None = None
     values: tuple[float, float] = (math.nan, math.nan)
+    #: Under ``torch.compile``: the checks of values, which run in the graph.
+    graph_checks: GraphChecks | None = None
 
 
 def _check_locally(
@@ -113,18 +120,32 @@ def _check_locally(
     # Any one-element tensor (HF's and FSDP2's [1]); its gradient keeps its own shape.
     logit_scale = _as_tensor(logit_scale, device).reshape(())
     logit_bias = _as_tensor(0.0 if logit_bias is None else logit_bias, device).reshape(())
+    graph = None
+    if compiling():  # checked in the graph, for every rank to see (palmtree.tracing)
+        graph = GraphChecks(torch.stack([logit_scale.detach(), logit_bias.detach()]).double())
     if text.dim() == 3:
         try:
-            text = masked_mean_pool_fp32(text, text_mask)
+            text = masked_mean_pool_fp32(text, text_mask, None if graph is None else graph.findings)
         except ValueError as exc:
             return _Checked(str(exc))
     values = (math.nan, math.nan)
-    if opts.check_finite or world(group)[1] > 1:
+    if graph is not None:
+        if opts.check_finite:
+            named = dict(image_features=image, text_features=text, logit_scale=logit_scale)
+            graph.findings.update(finite_findings({**named, "logit_bias": logit_bias}))
+    elif opts.check_finite or world(group)[1] > 1:
         # One host sync for both: the finite checks, and the values the ranks compare.
         error, values = host_checks(image, text, logit_scale, logit_bias, opts)
     backend = resolve_backend(opts.backend, device)
     precision = resolve_precision(opts.precision)
-    return _Checked(error, backend, precision, text, logit_scale, logit_bias, values)
+    return _Checked(error, backend, precision, text, logit_scale, logit_bias, values, graph)
+
+
+def _require_values(loss, opts, local: _Checked, B) -> None:
+    """Under ``torch.compile``: :func:`loss_range_problem`'s and the log-scale's checks,
+    as assertions in the graph (:mod:`palmtree.tracing`); every rank holds the same values."""
+    theta, bias = local.logit_scale, local.logit_bias
+    require_usable_scale(loss, theta, bias, opts.logit_scale_max, opts.scale_cap, B)
 
 
 def _bias_problem(logit_bias, device) -> str | None:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .tracing import VALUE_CHECKS, GraphChecks, compiling, require
 from .watchdog import exchange_watch
 
 # torch 2.13 renamed the fixed-size collectives; older releases only have the old names.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class ClipLossInputError(ValueError):
@@ -89,12 +89,21 @@ class Layout:
     def b_max(self) -> int:
         return max(self.sizes)
 
-    def owner_of_columns(self, device) -> torch.Tensor:
-        """``[B]`` rank index owning each global column."""
-        return torch.repeat_interleave(
-            torch.arange(self.world_size, device=device),
-            torch.tensor(self.sizes, device=device),
-        )
+    def with_own_size(self, rows) -> Layout:
+        """This layout with this rank's size given as ``rows`` (equal to it). A backward
+        traced by ``torch.compile`` passes a saved tensor's row count: the compiler relates
+        the forward's sizes to the backward's only through the saved tensors."""
+        sizes = list(self.sizes)
+        sizes[self.rank] = rows
+        return Layout(self.rank, self.world_size, tuple(sizes), self.group)
+
+    def per_column(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B]``: for each global column, the value of the rank owning it, from the
+        per-rank ``values`` (``[world_size]``)."""
+        if self.world_size == 1:
+            return values.expand(self.b_global)
+        counts = torch.tensor(self.sizes, device=values.device)
+        return torch.repeat_interleave(values, counts, output_size=self.b_global)
 
 
 @dataclass(frozen=True)
@@ -153,19 +162,29 @@ def exchange_layout(
     device: torch.device,
     local_error: str | None,
     group=None,
+    graph_checks: GraphChecks | None = None,
 ) -> Layout:
     """Agrees on the batch layout and validates inputs on every rank at once.
 
     One small all-gather carries each rank's batch size, whether it found a problem in
     its own inputs, and the codes of everything the ranks must agree on (``agreed``).
     Every rank then raises the same :class:`ClipLossInputError`, naming the rank(s) at
-    fault, instead of one rank raising and the rest hanging in the next collective.
+    fault, instead of one rank raising and the rest hanging in the next collective; an
+    empty global batch is one too. Under ``torch.compile`` see :func:`_exchange_traced`
+    (``graph_checks``: the checks of values, which run in the graph).
     """
     rank, world_size = world(group)
     if world_size == 1:
         if local_error is not None:
             raise ClipLossInputError(local_error)
+        if b_local == 0:
+            raise ClipLossInputError(_EMPTY)
+        if graph_checks is not None:
+            graph_checks.require_here()
         return Layout(0, 1, (b_local,), group)
+    if compiling():
+        checks = graph_checks or GraphChecks()
+        return _exchange_traced(rank, world_size, b_local, agreed, local_error, group, checks)
 
     width = 2 + len(agreed)
     meta = torch.tensor(
@@ -192,75 +211,54 @@ def exchange_layout(
             mismatches.append(f"{field.name} differs across ranks ({listing})")
     if mismatches:
         raise ClipLossInputError("; ".join(mismatches))
+    if all(row[0] == 0 for row in rows):
+        raise ClipLossInputError(_EMPTY)
     return Layout(rank, world_size, tuple(row[0] for row in rows), group)
 
 
-def gather_rows(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """All ranks' rows of ``x`` concatenated in rank order (``[B, ...]``), no autograd."""
-    if layout.world_size == 1:
-        return x
-    padded = x.new_zeros((layout.b_max, *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    out = x.new_empty((layout.world_size * layout.b_max, *x.shape[1:]))
-    _all_gather(out, padded.contiguous(), group=layout.group)
-    if all(s == layout.b_max for s in layout.sizes):
-        return out
-    return torch.cat(
-        [out[r * layout.b_max : r * layout.b_max + s] for r, s in enumerate(layout.sizes)]
-    )
+def functional_group(group):
+    """``group`` as the functional collectives take it (they have no default group)."""
+    return dist.group.WORLD if group is None else group
 
 
-def reduce_scatter_rows(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Sums ``[B, ...]`` partials over ranks and returns this rank's ``[b_local, ...]`` rows."""
-    if layout.world_size == 1:
-        return x
-    if all(s == layout.b_max for s in layout.sizes):
-        padded = x.contiguous()
-    else:
-        padded = x.new_zeros((layout.world_size * layout.b_max, *x.shape[1:]))
-        start = 0
-        for r, s in enumerate(layout.sizes):
-            padded[r * layout.b_max : r * layout.b_max + s] = x[start : start + s]
-            start += s
-    out = x.new_empty((layout.b_max, *x.shape[1:]))
-    _reduce_scatter(out, padded, op=dist.ReduceOp.SUM, group=layout.group)
-    return out[: layout.b_local]
+_EMPTY = "the global batch is empty: every rank passed 0 pairs"
+_EMPTY_RANK_COMPILED = (
+    "a rank passed 0 pairs to a compiled loss: under torch.compile with several ranks "
+    "every rank needs at least one pair (an eager call accepts empty ranks)"
+)
 
 
-def all_reduce_(x: torch.Tensor, layout: Layout, op=None) -> torch.Tensor:
-    if layout.world_size > 1:
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=layout.group)
-    return x
+def _exchange_traced(rank, world_size, b_local, agreed, local_error, group, checks) -> Layout:
+    """:func:`exchange_layout` in a graph ``torch.compile`` traces: the same all-gather (a
+    functional collective) with the value checks' flags and the scale's and bias's bits
+    appended, its verdicts as assertions (:func:`palmtree.tracing.require`: a
+    ``RuntimeError`` with the same words on every rank, in the same order), and the
+    ranks' sizes as values the graph reads at run time, so that a new split compiles
+    nothing new."""
+    from torch.distributed import _functional_collectives as fc
 
-
-def all_gather_scalar(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """``[world_size]`` tensor of every rank's value of the 0-dim tensor ``x``."""
-    x = x.reshape(1)
-    if layout.world_size == 1:
-        return x
-    out = x.new_empty(layout.world_size)
-    _all_gather(out, x.contiguous(), group=layout.group)
-    return out
-
-
-class _GatherRows(torch.autograd.Function):
-    """All-gather whose backward sums every rank's gradient and sends each rank its rows.
-
-    This is the gather that keeps a distributed loss exact: rank ``r``'s features
-    receive the gradient that *all* ranks' losses send them.
-    """
-
-    @staticmethod
-    def forward(ctx, x, layout):
-        ctx.layout = layout
-        return gather_rows(x, layout)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter_rows(grad.contiguous(), ctx.layout), None
-
-
-def gather_rows_with_grad(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    if layout.world_size == 1:
-        return x
-    return _GatherRows.apply(x, layout)
+    device = _exchange_device(group, torch.device("cpu"))
+    head = torch.tensor([b_local, int(local_error is not None), *(a.code for a in agreed)])
+    meta = torch.cat([head.to(device), checks.packed(device)])
+    rows = fc.all_gather_tensor(meta, 0, functional_group(group)).view(world_size, -1)
+    for r in range(world_size):
+        why = f": {local_error}" if r == rank and local_error else " (its own error says which)"
+        require(rows[r, 1] == 0, f"rank {r}: a problem in its input{why}")
+    names = [a.name for a in agreed]
+    for k, name in enumerate(names, start=2):
+        require((rows[:, k] == rows[0, k]).all(), f"{name} differs across ranks")
+    first = 2 + len(names)
+    for r in range(world_size):
+        for k, message in enumerate(VALUE_CHECKS, start=first):
+            require(rows[r, k] == 0, f"rank {r}: {message}")
+    for k, name in enumerate(("logit_scale", "logit_bias"), start=first + len(VALUE_CHECKS)):
+        require((rows[:, k] == rows[0, k]).all(), f"{name} differs across ranks")
+    require(rows[:, 0].sum() > 0, _EMPTY)
+    # A graph traced for 0 rows leaves out the backward's collectives that only feed the
+    # rows' gradients (docs/design.md §9): every rank is refused, none waits for it.
+    require((rows[:, 0] > 0).all(), _EMPTY_RANK_COMPILED)
+    sizes = rows[:, 0].tolist()
+    for s in sizes:
+        torch._check(s >= 0)
+    torch._check(sizes[rank] == b_local)  # this rank's own size, as its input's shape says
+    return Layout(rank, world_size, tuple(sizes), group)

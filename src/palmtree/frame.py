@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from .backends import get_kernels
+from .backends.chunked import WHOLE
 from .call import Call, prepare
 from .options import LossOptions
 from .protocol import PassOptions
+from .tracing import compiling
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,10 @@ def run(kind: LossKind, opts: LossOptions, *inputs) -> tuple[Call, torch.Tensor,
             )
         else:
             kernels = get_kernels(call.backend, fallback=opts.backend == "auto")
-            how = PassOptions(kernels, call.layout, call.precision, opts.chunk_size, opts.normalize)
+            chunk = opts.chunk_size
+            if compiling() and call.layout.world_size > 1:
+                chunk = WHOLE  # B is known only at run time: one chunk per rank
+            how = PassOptions(kernels, call.layout, call.precision, chunk, opts.normalize)
             loss, sums = kind.single_pass.apply(call.image, call.text, *params, how)
     return call, loss, sums
 
@@ -141,6 +146,22 @@ class LossModule(nn.Module):
         self.image_dim, self.text_dim, self.embed_dim = image_dim, text_dim, embed_dim
         self.image_proj = _projection(image_dim, embed_dim)
         self.text_proj = _projection(text_dim, embed_dim)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loads as ``nn.Module`` does, and also state dicts from before the learnable
+        scalars became ``[1]``-shaped (FSDP2's ``fully_shard`` refuses 0-dim parameters):
+        a 0-dim entry for a one-element parameter is read as that parameter's shape."""
+        for name, param in self._parameters.items():
+            value = state_dict.get(prefix + name)
+            if (
+                param is not None
+                and param.numel() == 1
+                and isinstance(value, torch.Tensor)
+                and value.ndim == 0
+            ):
+                # ``load_state_dict`` hands each module its own copy of the dict.
+                state_dict[prefix + name] = value.reshape(param.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self,

@@ -45,8 +45,20 @@ def resolve_precision(precision: str | None) -> str:
     if problem is not None:
         raise ValueError(problem)
     if precision is None:
-        return _FROM_TORCH.get(torch.get_float32_matmul_precision(), "ieee")
+        return _FROM_TORCH.get(_torch_fp32_precision(), "ieee")
     return precision
+
+
+def _torch_fp32_precision() -> str:
+    """``torch.get_float32_matmul_precision()``; ``torch.compile`` takes it as a constant
+    of the traced graph (a string is no tensor it could trace)."""
+    return torch.get_float32_matmul_precision()
+
+
+# What ``torch.compiler.assume_constant_result`` does, without its import of the compiler
+# (which would load torch._dynamo and Triton at ``import palmtree``); tests/test_compile.py
+# compiles a call with ``precision=None`` to see that it still holds.
+_torch_fp32_precision._dynamo_marked_constant = True
 
 
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:

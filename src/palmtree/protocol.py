@@ -23,10 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from .backends.base import ForwardStats, GradientTerms, Kernels
-from .distributed import Layout, all_gather_scalar, all_reduce_, gather_rows, reduce_scatter_rows
+from .collectives import all_gather_scalar, all_reduce, gather_rows, reduce_scatter_rows
+from .distributed import Layout
 from .normalize import unit_rows, unit_rows_backward
 from .precision import rounded
 
@@ -66,14 +66,14 @@ def complete_columns(stats: ForwardStats, pairs: torch.Tensor, layout: Layout):
     (which only it computed) to the full sums, and its pairs' similarities to zeros.
     """
     offset, b = layout.offset, layout.b_local
-    global_max = all_reduce_(stats.col_max.clone(), layout, dist.ReduceOp.MAX)
+    global_max = all_reduce(stats.col_max, layout, "max")
     sums = torch.stack([stats.col_neg, stats.col_neg, torch.zeros_like(stats.col_neg)])
     sums[1, offset : offset + b] += torch.exp(stats.diag - stats.col_max[offset : offset + b])
     # A rank with no rows has partials (-inf, 0): its rescaled sums are 0 * 0 = 0. The
     # global max itself is finite, since every column has a row on some rank.
     sums[:2] *= torch.exp(stats.col_max - global_max)
     sums[2, offset : offset + b] = pairs
-    all_reduce_(sums, layout)
+    sums = all_reduce(sums, layout)
     return global_max, sums[0], sums[1], sums[2]
 
 
@@ -87,10 +87,9 @@ def _unit_inputs(ctx, image, text, opts: PassOptions):
     return u, gather_rows(v, opts.layout)
 
 
-def _input_grads(ctx, du, dv_partial, u, v_all):
+def _input_grads(ctx, layout: Layout, du, dv_partial, u, v_all):
     """The raw features' gradients: every rank's ``dV`` partials summed and sent home,
     then through the normalisation, in the features' dtypes."""
-    layout = ctx.opts.layout
     offset, b = layout.offset, layout.b_local
     dv = reduce_scatter_rows(dv_partial, layout)
     (u_norms, v_norms), (image_dtype, text_dtype) = ctx.norms, ctx.dtypes
@@ -138,7 +137,7 @@ class SinglePassLoss(torch.autograd.Function):
             ]
         )
         share = (sums[0] + sums[1]) / (2 * B)
-        all_reduce_(sums, layout)
+        sums = all_reduce(sums, layout)
 
         ctx.opts = opts
         ctx.save_for_backward(
@@ -158,15 +157,15 @@ class SinglePassLoss(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_loss):
         opts = ctx.opts
-        layout = opts.layout
         u, v_all, scale, row_max, row_sum, col_max, col_sum, diag, pair_dot = ctx.saved_tensors
+        layout = opts.layout.with_own_size(u.shape[0])
         # Each rank's share is weighted by its own upstream gradient (loss weights,
         # accumulation): gather them so every rank can weight every column.
         upstream = all_gather_scalar(grad_loss.detach().float(), layout)
         weights = upstream * (layout.world_size / (2 * layout.b_global))
         offset, b = layout.offset, layout.b_local
         w_row = weights[layout.rank].expand(b)
-        w_col = weights[layout.owner_of_columns(weights.device)]
+        w_col = layout.per_column(weights)
         # (shift, coef) of the rows, then of the columns: base.GradientTerms' order.
         coefs = (row_max, w_row / row_sum, col_max, w_col / col_sum)
         pos_weight = w_row + w_col[offset : offset + b]
@@ -174,7 +173,7 @@ class SinglePassLoss(torch.autograd.Function):
         du, dv_partial, dscale = opts.kernels.backward(
             u, v_all, scale, offset, opts.precision, opts.chunk_size, terms
         )
-        du, dv = _input_grads(ctx, du, dv_partial, u, v_all)
+        du, dv = _input_grads(ctx, layout, du, dv_partial, u, v_all)
         return du, dv, dscale.reshape(scale.shape), None
 
 
@@ -197,7 +196,7 @@ class SigmoidPassLoss(torch.autograd.Function):
         stats = kernels.sigmoid_forward(
             u, v_all, scale, bias, offset, opts.precision, opts.chunk_size
         )
-        col_max = all_reduce_(stats.col_max.clone(), layout, dist.ReduceOp.MAX)
+        col_max = all_reduce(stats.col_max, layout, "max")
         sums = torch.stack(
             [
                 stats.pos_sum,
@@ -207,7 +206,7 @@ class SigmoidPassLoss(torch.autograd.Function):
             ]
         )
         share = (sums[0] + sums[1]) / B
-        all_reduce_(sums, layout)
+        sums = all_reduce(sums, layout)
         ctx.opts = opts
         ctx.save_for_backward(u, v_all, scale, bias)
         ctx.mark_non_differentiable(sums)
@@ -218,13 +217,13 @@ class SigmoidPassLoss(torch.autograd.Function):
         _refuse_double_backward(ctx)
         with torch.autocast(grad_loss.device.type, enabled=False):
             opts = ctx.opts
-            layout = opts.layout
             u, v_all, scale, bias = ctx.saved_tensors
+            layout = opts.layout.with_own_size(u.shape[0])
             upstream = all_gather_scalar(grad_loss.detach().float(), layout)
             weight = upstream[layout.rank] * (layout.world_size / layout.b_global)
             offset, b = layout.offset, layout.b_local
             du, dv_partial, dscale, dbias = opts.kernels.sigmoid_backward(
                 u, v_all, scale, bias, offset, opts.precision, opts.chunk_size, weight.expand(b)
             )
-            du, dv = _input_grads(ctx, du, dv_partial, u, v_all)
+            du, dv = _input_grads(ctx, layout, du, dv_partial, u, v_all)
             return du, dv, dscale.reshape(scale.shape), dbias.reshape(bias.shape), None

@@ -74,17 +74,24 @@ def log_scale_problem(log_scale: float, cap: float, mode: str) -> str | None:
     """
     if not log_scale > LOG_SCALE_LIMIT:  # nan is reported as non-finite elsewhere
         return None
+    reason = log_scale_reason(cap, mode)
+    return None if reason is None else f"logit_scale = {log_scale:.6g}: {reason}"
+
+
+def log_scale_reason(cap: float, mode: str) -> str | None:
+    """Why a log-scale above :data:`LOG_SCALE_LIMIT` cannot be used with this cap and
+    mode (``None``: it can, the cap holds the scale)."""
     if mode == "straight_through":
         return (
-            f"logit_scale = {log_scale:.6g}: with scale_cap='straight_through' its gradient is "
-            f"exp(logit_scale) * dL/ds, which overflows fp32 above {LOG_SCALE_LIMIT}; clamp "
-            "the parameter (e.g. to ln(logit_scale_max)) or use scale_cap='clamp'"
+            "with scale_cap='straight_through' its gradient is exp(logit_scale) * dL/ds, "
+            f"which overflows fp32 above {LOG_SCALE_LIMIT}; clamp the parameter (e.g. to "
+            "ln(logit_scale_max)) or use scale_cap='clamp'"
         )
     if cap > math.exp(LOG_SCALE_LIMIT):
         return (
-            f"logit_scale = {log_scale:.6g}: exp(logit_scale) overflows fp32 above "
-            f"{LOG_SCALE_LIMIT} and logit_scale_max={cap} does not cap it; pass a finite "
-            "logit_scale_max (CLIP uses 100) or clamp the parameter"
+            f"exp(logit_scale) overflows fp32 above {LOG_SCALE_LIMIT} and "
+            f"logit_scale_max={cap} does not cap it; pass a finite logit_scale_max (CLIP "
+            "uses 100) or clamp the parameter"
         )
     return None
 
@@ -105,7 +112,8 @@ def loss_range_problem(loss: str, log_scale: float, bias: float, cap: float, B: 
         largest = 2.0 * B * (2.0 * scale + math.log(max(B, 1)))
     if largest < float(torch.finfo(torch.float32).max):
         return None
-    return (
-        f"the scale {scale:.3g} (and bias {bias:.3g}) at a global batch of {B} would make "
-        f"the {loss} loss's sums overflow fp32; cap the scale (logit_scale_max)"
-    )
+    return f"the scale {scale:.3g} (and bias {bias:.3g}) at a global batch of {B} {OVERFLOWS}"
+
+
+#: :func:`loss_range_problem`'s verdict, after the values it names.
+OVERFLOWS = "would make the loss's sums overflow fp32; cap the scale (logit_scale_max)"

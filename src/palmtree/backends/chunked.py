@@ -30,6 +30,21 @@ def auto_chunk_size(b: int, big: int, device: torch.device, budget: int | None =
     return max(1, min(cols, big))
 
 
+#: ``chunk_size`` for the whole block as one chunk: what the protocol asks for under
+#: ``torch.compile`` with several ranks, where ``B`` is a value the graph reads at run
+#: time and the number of chunks cannot be known while tracing (docs/design.md §9).
+WHOLE = 0
+
+
+def column_chunks(b: int, big, chunk_size: int | None, device) -> list[tuple]:
+    """The ``[c0, c1)`` column ranges of ``big`` columns: chunks of ``chunk_size`` (``None``:
+    :func:`auto_chunk_size`), or one for :data:`WHOLE`."""
+    if chunk_size == WHOLE:
+        return [(0, big)]
+    chunk = chunk_size or auto_chunk_size(b, big, device)
+    return [(c0, min(c0 + chunk, big)) for c0 in range(0, big, chunk)]
+
+
 def _buffer(buf: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """A scratch tensor shaped like ``like``, reused across chunks (the last one is smaller)."""
     if buf is None or buf.numel() < like.numel():
@@ -56,14 +71,12 @@ class ChunkedKernels:
             return stats
         col_max, col_neg = stats.col_max, stats.col_neg
         f32 = dict(dtype=torch.float32, device=u.device)
-        chunk = chunk_size or auto_chunk_size(b, big, u.device)
         uq = cast_operand(u, precision)
         row_max = torch.full((b,), -torch.inf, **f32)
         row_neg = torch.zeros(b, **f32)
         diag = torch.empty(b, **f32)
         scratch = None
-        for c0 in range(0, big, chunk):
-            c1 = min(c0 + chunk, big)
+        for c0, c1 in column_chunks(b, big, chunk_size, u.device):
             s = mm(uq, cast_operand(v[c0:c1], precision).T, precision).mul_(scale)
             scratch = _buffer(scratch, s)
             where = _diag_slice(offset, b, c0, c1, u.device)
@@ -85,13 +98,11 @@ class ChunkedKernels:
         du, dv, dscale = zero_grads(u, v)
         if b == 0:
             return du, dv, dscale
-        chunk = chunk_size or auto_chunk_size(b, big, u.device)
         uq = cast_operand(u, precision)
         row_shift, row_coef = terms.row_shift[:, None], terms.row_coef[:, None]
         row_dot = terms.pair_dot[offset : offset + b, None]
         g = scratch = tmp = None
-        for c0 in range(0, big, chunk):
-            c1 = min(c0 + chunk, big)
+        for c0, c1 in column_chunks(b, big, chunk_size, u.device):
             vq = cast_operand(v[c0:c1], precision)
             # The same call and shapes as the forward, so S rounds as it did there.
             dot = mm(uq, vq.T, precision)
@@ -122,14 +133,12 @@ class ChunkedKernels:
         if b == 0:
             return stats
         f32 = dict(dtype=torch.float32, device=u.device)
-        chunk = chunk_size or auto_chunk_size(b, big, u.device)
         uq = cast_operand(u, precision)
         col_max = stats.col_max
         row_max = torch.full((b,), -torch.inf, **f32)
         diag = torch.empty(b, **f32)
         neg, zero = torch.zeros((), **f32), torch.zeros((), **f32)
-        for c0 in range(0, big, chunk):
-            c1 = min(c0 + chunk, big)
+        for c0, c1 in column_chunks(b, big, chunk_size, u.device):
             dot = mm(uq, cast_operand(v[c0:c1], precision).T, precision)
             # The maxima and positives of S = scale * dot are taken from dot and scaled
             # after the loop: scale >= 0 and rounding is monotonic, so
@@ -155,16 +164,16 @@ class ChunkedKernels:
         if b == 0:
             return du, dv, dscale, dbias
         f32 = dict(dtype=torch.float32, device=u.device)
-        chunk = chunk_size or auto_chunk_size(b, big, u.device)
         uq = cast_operand(u, precision)
         weight = row_weight[:, None]
         diag = torch.empty(b, **f32)  # U V^T at the positives
         # fp32 operands: every chunk's product goes into one buffer (no allocation per chunk).
         fp32 = uq.dtype == torch.float32
-        dots = torch.empty(b * min(chunk, big), **f32) if fp32 else None
+        chunks = column_chunks(b, big, chunk_size, u.device)
+        widest = chunks[0][1] - chunks[0][0]  # the first chunk is a widest one
+        dots = torch.empty(b * widest, **f32) if fp32 else None
         g = None
-        for c0 in range(0, big, chunk):
-            c1 = min(c0 + chunk, big)
+        for c0, c1 in chunks:
             vq = cast_operand(v[c0:c1], precision)
             if fp32:
                 dot = dots[: b * (c1 - c0)].view(b, c1 - c0)

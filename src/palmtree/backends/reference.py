@@ -1,7 +1,7 @@
 """The readable backend: materialised logits and autograd through differentiable gathers.
 
 Both the images and the texts are gathered with a gather whose backward sums every
-rank's gradient (:func:`palmtree.distributed.gather_rows_with_grad`); rank ``r``
+rank's gradient (:func:`palmtree.collectives.gather_rows_with_grad`); rank ``r``
 computes its own rows and its own columns of the global logits (two ``b x B``
 blocks) and plain cross-entropies. Autograd does the rest, which makes this the
 oracle the single-pass backends are tested against. Memory is O(b * B).
@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..distributed import Layout, all_reduce_, gather_rows, gather_rows_with_grad
+from ..collectives import all_reduce, gather_rows, gather_rows_with_grad
+from ..distributed import Layout
 from ..normalize import unit_rows_differentiable
 from ..precision import rounded
 
@@ -67,7 +68,7 @@ def reference_loss(
             for k, rows in ((2, image_rows), (3, text_rows)):
                 positives = rows.gather(1, labels[:, None]).squeeze(1)
                 sums[k] = (positives >= rows.amax(1)).sum()
-        all_reduce_(sums, layout)
+        sums = all_reduce(sums, layout)
     return layout.world_size * share, sums
 
 
@@ -92,7 +93,7 @@ def reference_sigmoid_loss(
     positive[rows, offset + rows] = True
     x = logits + bias
     terms = F.softplus(torch.where(positive, -x, x))
-    pos = terms[positive].sum()
+    pos = terms[rows, offset + rows].sum()  # the positives in row order, as a mask gives them
     neg = terms.masked_fill(positive, 0.0).sum()
     share = (pos + neg) / B
 
@@ -103,5 +104,5 @@ def reference_sigmoid_loss(
         if b:
             for k, block in ((2, logits), (3, text_rows)):
                 sums[k] = (block[rows, offset + rows] >= block.amax(1)).sum()
-        all_reduce_(sums, layout)
+        sums = all_reduce(sums, layout)
     return layout.world_size * share, sums
