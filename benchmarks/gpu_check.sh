@@ -7,7 +7,9 @@
 #   2. the tests marked gpu (the fused kernels at training sizes)
 #   3. the benchmark at B = 32768 and 65536: fused, chunked, open_clip, Inf-CL, then the
 #      reference on its own (O(B^2) memory)
-#   4. B = 131072 (fused, chunked, open_clip, Inf-CL; fewer repeats), then one global
+#   4. chunked+compile (chunked's loss under torch.compile) at the same two sizes, bf16
+#      operands (fp32 results), beside chunked and open_clip in bf16
+#   5. B = 131072 (fused, chunked, open_clip, Inf-CL; fewer repeats), then one global
 #      batch of 1,048,576 pairs (fused, bf16)
 #
 # Everything to keep lands in $OUT, five files: summary.md (short, for the notes), log.txt
@@ -47,11 +49,13 @@ if [ -n "${SMOKE:-}" ]; then
         --backends reference,chunked)
     BENCH=("$PY" -m palmtree bench --device cpu --dims 32 --isolate none --repeats 1 --warmup 0)
     SIZES=(64 128 192 256) # stand-ins for 32768 65536 131072 1048576
+    COMPILED_SIZES=(64)    # one compilation only: Inductor builds C++ here, tens of seconds
 else
     VERIFY=("$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m palmtree verify
         --batch 20011 --dim 512 --backends reference,chunked,fused --losses clip,siglip)
     BENCH=("$PY" -m palmtree bench --device cuda --dims 512)
     SIZES=(32768 65536 131072 1048576)
+    COMPILED_SIZES=("${SIZES[0]}" "${SIZES[1]}")
 fi
 PEERS=(--peers open_clip inf_cl)
 # The gpu tests compile many kernel variants: with pytest-xdist, in 4 processes.
@@ -113,6 +117,11 @@ for b in "${SIZES[0]}" "${SIZES[1]}"; do
     step "bench-$b-reference" $((130 - (SECONDS - t3))) "${BENCH[@]}" --batch-sizes "$b" \
         --backends reference --peers --no-plot --out "$OUT" || status=1
 done
+# Compiled once per shape before timing (the compile time is in each row's note), bf16
+# only: the goal is against open_clip's bf16-autocast ClipLoss, timed again here beside it
+# with chunked in eager mode, so that the three are compared within one run.
+step bench-compile 100 "${BENCH[@]}" --batch-sizes "${COMPILED_SIZES[@]}" --precisions bf16 \
+    --backends chunked+compile chunked --peers open_clip --no-plot --out "$OUT" || status=1
 step "bench-${SIZES[2]}" 80 "${BENCH[@]}" --batch-sizes "${SIZES[2]}" --repeats 3 --warmup 1 \
     --backends fused chunked "${PEERS[@]}" --no-plot --out "$OUT" || status=1
 step "bench-${SIZES[3]}" 150 "${BENCH[@]}" --batch-sizes "${SIZES[3]}" --backends fused \
@@ -125,6 +134,8 @@ import csv, sys
 from pathlib import Path
 
 from palmtree.bench import FIELDS, markdown_table, plot
+from palmtree.bench.compiled import COMPILED, NOTE_START
+from palmtree.bench.report import target_summary
 
 out, state, took, status = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 steps = [line.split("\t") for line in (state / "steps.tsv").read_text().splitlines()]
@@ -180,9 +191,14 @@ for path in sorted(out.glob("*.csv")):
     lines += [""] + [f"- not run: {s}" for s in skipped]
     lines += [f"- **{r['impl']} {r['precision']} B={r['batch']}: {r['status']}: {r['note']}**"
               for r in failed]
-    errors += [r for r in failed if r["impl"] in ("fused", "chunked", "reference")]
+    lines += [f"- {r['impl']} {r['precision']} B={r['batch']}: {part}" for r in rows
+              if r["status"] == "ok" for part in r["note"].split("; ")
+              if part.startswith(NOTE_START)]
+    lines += [f"- {x}" for x in target_summary(rows) if x.startswith(f"{COMPILED} / ")]
+    errors += [r for r in failed if r["impl"] in ("fused", "chunked", "reference", COMPILED)]
     head = f"{rows[0]['device']}, torch {rows[0]['torch_version']}, every run of {path.name}"
-    path.with_suffix(".md").write_text(f"{head}\n\n{markdown_table(rows)}\n")
+    ratio_text = "".join(f"\n- {x}" for x in target_summary(rows))
+    path.with_suffix(".md").write_text(f"{head}\n\n{markdown_table(rows)}\n{ratio_text}\n")
     plot(rows, path.with_suffix(".png"))
 
 passed = status == "0" and not errors

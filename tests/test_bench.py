@@ -10,6 +10,7 @@ import ast
 import csv
 import dataclasses
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from palmtree.bench import (
     cases,
     check,
     cli,
+    compiled,
     csvfile,
     main,
     markdown_table,
@@ -276,6 +278,55 @@ def test_siglip_sweep_by_default_writes_under_runs(tmp_path, monkeypatch):
     assert "siglip:chunked / siglip:reference (ieee, B=128, D=32)" in table
     if OPEN_CLIP is None:
         assert "siglip:chunked / siglip:open_clip (ieee, B=128, D=32)" in table
+
+
+@pytest.mark.slow
+def test_chunked_compile_is_compiled_before_timing_and_checked_against_float64(tmp_path):
+    """One tiny ``chunked+compile`` case (Inductor builds C++ on a CPU: ~20 s), through
+    the whole command: its row gets the float64 check like every other, and its compile
+    time is in the note and the table, apart from the timed runs; it is compared with
+    chunked in eager mode."""
+    argv = ["--quick", "--device", "cpu", "--isolate", "none", "--batch-sizes", "64"]
+    argv += ["--repeats", "2", "--backends", compiled.COMPILED, "chunked", "--peers"]
+    assert main([*argv, "--no-plot", "--out", str(tmp_path), "--name", "t"]) == 0
+
+    row = {r["impl"]: r for r in _read_csv(tmp_path / "t.csv")}[compiled.COMPILED]
+    assert row["status"] == "ok" and row["impl_version"].startswith("palmtree "), row
+    assert float(row["loss_diff"]) < 1e-5 and float(row["grad_diff"]) < 1e-4, row
+    verdict, compile_part = row["note"].split("; ")
+    assert verdict.startswith(check.WITHIN), row
+    assert re.fullmatch(
+        r"compiled before timing in \d+\.\d s \(dynamic=False, \d+ graphs?\)", compile_part
+    )
+    table = (tmp_path / "t.md").read_text()
+    assert f"| {compiled.COMPILED} | ieee | 64 | 32 |" in table
+    assert f"| ok; {compile_part} |" in table
+    assert f"{compiled.COMPILED} / chunked (ieee, B=64, D=32): memory" in table
+
+
+def test_a_compilation_while_timing_is_an_error():
+    """The timed runs of ``chunked+compile`` run compiled code only: a guard that fails
+    there raises instead of compiling inside the measured region (Dynamo alone here,
+    ``backend="eager"``, so no C++ is built)."""
+    fn = torch.compile(lambda x: (x * 2).sum(), backend="eager", dynamic=False)
+    fn(torch.ones(4))
+    with compiled.steady("chunked"):
+        fn(torch.ones(5))  # other implementations: nothing changes
+    with compiled.steady(compiled.COMPILED):
+        fn(torch.ones(4))
+        with pytest.raises(RuntimeError, match="recompile"):
+            fn(torch.ones(6))
+
+
+def test_chunked_compile_without_a_cpp_compiler_is_a_skip(monkeypatch):
+    from torch._inductor import cpp_builder
+
+    def none_found():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", none_found)
+    why = cases.skip_reason(compiled.COMPILED, "ieee", torch.device("cpu"))
+    assert why == "torch.compile on a CPU needs a C++ compiler (RuntimeError)"
 
 
 def test_labels_carry_the_loss_and_clip_rows_keep_their_names():

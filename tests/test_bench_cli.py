@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from palmtree.bench import cases, check, cli, csvfile, main, measure, report, sweep
+from palmtree.bench import cases, check, cli, compiled, csvfile, main, measure, report, sweep
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 COMMITTED = sorted(p for p in RESULTS.glob("*.csv") if not p.name.startswith("accumulate-"))
@@ -245,7 +245,9 @@ def test_committed_results_redraw_with_plot_only(path, tmp_path):
     shutil.copy(path, tmp_path / path.name)
     assert main(["--plot-only", "--out", str(tmp_path), "--name", path.stem]) == 0
     text = (tmp_path / path.name).with_suffix(".md").read_text()
-    assert "| median (ms) | IQR |" in text and "(spread unknown)" in text
+    # Files from before the quartile columns say their spread is unknown; newer ones not.
+    unknown = any(not r.get("q1_ms") for r in _rows(path))
+    assert "| median (ms) | IQR |" in text and ("(spread unknown)" in text) == unknown
     assert (tmp_path / path.name).with_suffix(".png").stat().st_size > 1000
     assert (tmp_path / path.name).read_bytes() == path.read_bytes()  # only read
 
@@ -270,3 +272,44 @@ def test_a_batch_of_one_pair_is_measured(tmp_path):
     assert main(_argv(tmp_path, "--batch-sizes", "1")) == 0
     (row,) = _rows(tmp_path / "t.csv")
     assert row["status"] == "ok" and row["note"].startswith(check.WITHIN), row
+
+
+def test_chunked_compile_is_a_row_when_named_and_on_cuda_by_default(tmp_path):
+    """On a CPU Inductor's C++ build takes minutes at the default sizes (301 s at 8192):
+    named only; on CUDA with Triton a default row beside fused."""
+    run = cli.parse(["--device", "cpu", "--no-plot", "--out", str(tmp_path)])
+    assert run.sweep.impls[:2] == ["reference", "chunked"]
+    assert compiled.COMPILED not in run.sweep.impls
+    argv = ["--device", "cpu", "--backends", compiled.COMPILED, "--peers", "--no-plot"]
+    assert cli.parse([*argv, "--out", str(tmp_path)]).sweep.impls == [compiled.COMPILED]
+
+
+def test_each_rounds_compile_time_is_in_the_note_apart_from_the_times():
+    ok = dict(status="ok", note=f"{check.WITHIN} (loss 1e-04)", loss=1.0, peak_mb=5.0)
+    results = [
+        dict(ok, times=[10.0, 11.0], compile_s=21.04, graphs=1),
+        dict(ok, times=[12.0, 13.0], compile_s=3.0, graphs=1),
+    ]
+    row = sweep.combine_rounds(results)
+    assert row["median_ms"] == 11.5  # the timed runs only
+    compile_part = "compiled before timing in 21.0, 3.0 s (dynamic=False, 1 graph)"
+    assert row["note"] == f"{check.WITHIN} (loss 1e-04); {compile_part}"
+    assert sweep.combine_rounds([dict(ok, times=[1.0])])["note"] == ok["note"]
+    cells = dict.fromkeys(csvfile.FIELDS, "") | _row(compiled.COMPILED, 2, 1, 3)
+    table = report.markdown_table([dict(cells, note=row["note"])])
+    assert table.endswith(f"| ok; {compile_part} |")
+
+
+def test_chunked_compile_is_compared_with_chunked_first():
+    rows = [
+        _row("open_clip", 8, 7, 9),
+        _row("chunked", 4, 3.8, 4.2),
+        _row(compiled.COMPILED, 2, 1.9, 2.1),
+    ]
+    assert report.target_summary(rows) == [
+        "chunked / open_clip (ieee, B=64, D=32): memory 1.000x (1/1.0), time 0.50x (0.42 to 0.60)",
+        f"{compiled.COMPILED} / chunked (ieee, B=64, D=32): memory 1.000x (1/1.0), time 0.50x"
+        " (0.45 to 0.55)",
+        f"{compiled.COMPILED} / open_clip (ieee, B=64, D=32): memory 1.000x (1/1.0), time 0.25x"
+        " (0.21 to 0.30)",
+    ]

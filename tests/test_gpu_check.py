@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from palmtree.bench import peers
+from palmtree.bench.compiled import COMPILED
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = [
@@ -28,11 +31,13 @@ STEPS = [
     "bench-64-reference",
     "bench-128",
     "bench-128-reference",
+    "bench-compile",
     "bench-192",
     "bench-256",
 ]
 
 pytestmark = pytest.mark.slow
+OPEN_CLIP = peers.peer_status("open_clip", "cpu")  # None when it can run here
 
 
 def _run(out: Path, **env) -> subprocess.CompletedProcess:
@@ -99,6 +104,28 @@ def test_the_benchmark_has_a_row_for_every_implementation_and_size(dry_run):
         assert cases[impl, 128] == "ok"
     md = path.with_suffix(".md").read_text()
     assert all(f"| {b} |" in md for b in (64, 128, 192, 256))  # every run, not the last
+
+
+def test_the_compiled_chunked_loss_is_measured_beside_its_baselines(dry_run):
+    """chunked+compile in bf16 (in the dry run at the first size only: one compilation),
+    its compile time and its ratios to chunked and open_clip in the summary."""
+    _, out = dry_run
+    (path,) = out.glob("*.csv")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["precision"], r["batch"]) for r in rows if r["impl"] == COMPILED} == {("bf16", "64")}
+    bf16 = {r["impl"]: r["status"] for r in rows if r["precision"] == "bf16" and r["batch"] == "64"}
+    assert bf16 == {
+        COMPILED: "ok",
+        "chunked": "ok",
+        "open_clip": "ok" if OPEN_CLIP is None else "skip",
+    }
+    summary = (out / "summary.md").read_text()
+    assert f"- {COMPILED} bf16 B=64: compiled before timing in " in summary
+    baselines = ["chunked"] + (["open_clip"] if OPEN_CLIP is None else [])
+    for base in baselines:
+        line = f"- {COMPILED} / {base} (bf16, B=64, D=32): memory"
+        assert line in summary and line[2:] in path.with_suffix(".md").read_text()
 
 
 def test_no_step_starts_without_time_left(tmp_path):

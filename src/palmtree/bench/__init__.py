@@ -7,6 +7,8 @@ pairs of width ``D``, in one process, checked against the float64 truth of
 
 * :mod:`~palmtree.bench.cases`: what is measured (a case, the default grid, the inputs,
   skip reasons, the loss callable of each implementation and precision);
+* :mod:`~palmtree.bench.compiled`: ``chunked+compile``, the chunked loss inside
+  ``torch.compile`` (compiled before timing, its compile time in the note);
 * :mod:`~palmtree.bench.peers`: the other implementations (open_clip's ``ClipLoss`` and
   ``SigLipLoss``, Inf-CL);
 * :mod:`~palmtree.bench.measure`: timing, peak memory, out-of-memory, the worker process;

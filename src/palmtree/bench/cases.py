@@ -17,8 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import clip_loss, siglip_loss, testing
-from ..backends import BACKENDS, fused_can_run, get_kernels
-from . import peers
+from ..backends import BACKENDS, CONCRETE_BACKENDS, fused_can_run, get_kernels
+from . import compiled, peers
+
+#: What ``--backends`` may name: palmtree's backends, and the chunked one compiled.
+BENCH_BACKENDS = (*CONCRETE_BACKENDS, compiled.COMPILED)
 
 #: Sizes, precisions, timed runs and warm-up runs when the command line names none, per
 #: device type (``--help`` shows them all).
@@ -97,6 +100,8 @@ def make_inputs(batch: int, dim: int, seed: int, device) -> tuple[torch.Tensor, 
 
 def skip_reason(impl: str, precision: str, device: torch.device, loss: str = "clip") -> str | None:
     """Why a case cannot run here, decided before it is started; ``None`` if it can."""
+    if impl == compiled.COMPILED:
+        return compiled.skip_reason(device)
     if impl in BACKENDS:
         if impl == "fused" and not fused_can_run(device):
             return f"fused needs CUDA and Triton (device is {device.type})"
@@ -159,19 +164,12 @@ LossFn = Callable[..., torch.Tensor]
 
 def loss_fn(case: Case) -> LossFn:
     """``loss(img, txt, *scalars)`` of ``case.impl`` for ``case.loss``, its imports done now
-    (not timed); ``scalars`` are :func:`scalar_leaves`."""
+    (not timed); ``scalars`` are :func:`scalar_leaves`. ``chunked+compile`` is chunked's
+    loss handed to :func:`~palmtree.bench.compiled.compile_loss` (compiled on first call)."""
+    if case.impl == compiled.COMPILED:
+        return compiled.compile_loss(_palmtree_loss(case, "chunked"))
     if case.impl in BACKENDS:
-        if case.impl in ("chunked", "fused"):
-            get_kernels(case.impl)  # import now, not inside the measured region
-        options = dict(
-            backend=case.impl,
-            precision=case.precision,
-            chunk_size=case.chunk_size,
-            logit_scale_max=SCALE_CAP,
-        )
-        if case.loss == "siglip":
-            return lambda img, txt, *scalars: siglip_loss(img, txt, *scalars, **options).loss
-        return lambda img, txt, log_scale: clip_loss(img, txt, log_scale, **options).loss
+        return _palmtree_loss(case, case.impl)
     if case.impl == "open_clip":
         peers.load_open_clip_loss_module()
         return peers.open_clip_siglip_loss if case.loss == "siglip" else peers.open_clip_loss
@@ -179,3 +177,17 @@ def loss_fn(case: Case) -> LossFn:
         peers.load_inf_cl()
         return peers.inf_cl_loss
     raise ValueError(f"unknown impl {case.impl!r}")
+
+
+def _palmtree_loss(case: Case, backend: str) -> LossFn:
+    if backend in ("chunked", "fused"):
+        get_kernels(backend)  # import now, not inside the measured region
+    options = dict(
+        backend=backend,
+        precision=case.precision,
+        chunk_size=case.chunk_size,
+        logit_scale_max=SCALE_CAP,
+    )
+    if case.loss == "siglip":
+        return lambda img, txt, *scalars: siglip_loss(img, txt, *scalars, **options).loss
+    return lambda img, txt, log_scale: clip_loss(img, txt, log_scale, **options).loss

@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..backends import BACKENDS, fused_can_run
+from ..backends import BACKENDS, fused_can_run, triton_available
 from . import peers
 from .cases import DEFAULTS, QUICK, SIGLIP_BIAS, impl_label
 from .check import bound_precision
+from .compiled import COMPILED
 from .csvfile import append_row, default_name, device_name, output_problem
 from .measure import one_line, worker
 from .options import LOG_SCALES, build_parser
@@ -154,7 +155,9 @@ def _sweep(args: argparse.Namespace, device: torch.device) -> Sweep:
         defaults.update(QUICK)
     backends = args.backends
     if backends is None:
-        backends = ["reference", "chunked"] + (["fused"] if fused_can_run(device) else [])
+        backends = ["reference", "chunked"]
+        backends += [COMPILED] if device.type == "cuda" and triton_available() else []
+        backends += ["fused"] if fused_can_run(device) else []
     impl_peers = args.peers
     if impl_peers is None:
         impl_peers = [p for p in peers.PEERS if peers.peer_status(p, device, args.loss) is None]
@@ -182,6 +185,6 @@ def _sweep(args: argparse.Namespace, device: torch.device) -> Sweep:
 
 
 def _impl_version(impl: str) -> str:
-    if impl in BACKENDS:
+    if impl in (*BACKENDS, COMPILED):
         return "palmtree " + __version__
     return f"{impl} {peers.peer_version(impl) or '?'}"

@@ -12,7 +12,8 @@
 A result is a dict: ``status`` (``ok``, ``oom``, ``skip``, ``error``, ``timeout``),
 ``note``, and for ``ok`` the timed runs (``times``, ``median_ms``, ``min_ms`` and their
 spread, :func:`timing`), ``peak_mb``, ``loss`` and the correctness columns of
-:mod:`palmtree.bench.check`.
+:mod:`palmtree.bench.check`; for ``chunked+compile`` also ``compile_s`` and ``graphs``
+(:func:`palmtree.bench.compiled.first_call`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from . import compiled
 from .cases import SCALAR_GRADS, Case, case_context, loss_fn, make_inputs, scalar_leaves
 from .check import compare
 
@@ -147,14 +149,6 @@ def _measure(case: Case, device: torch.device, oracle: dict | None) -> dict:
     leaves = (img, txt, *scalars)
     fn = loss_fn(case)
 
-    # One tiny call first, so lazy one-time state (thread pools, kernel caches, Triton
-    # compilation) is not counted as the loss's memory.
-    tiny = [t.detach()[:8].clone().requires_grad_() for t in (img, txt)]
-    fn(*tiny, *scalars).backward()
-    for t in scalars:
-        t.grad = None
-    del tiny
-
     def step() -> torch.Tensor:
         for t in leaves:
             t.grad = None
@@ -163,6 +157,7 @@ def _measure(case: Case, device: torch.device, oracle: dict | None) -> dict:
         return loss.detach()
 
     try:
+        result.update(_first_call(case, fn, leaves, device))
         times, peak_mb, loss = _timed_runs(case, device, step)
     except Exception as exc:  # running out of memory is a result, not a crash
         if not is_oom(exc):
@@ -183,6 +178,22 @@ def _measure(case: Case, device: torch.device, oracle: dict | None) -> dict:
     return result
 
 
+def _first_call(case: Case, fn, leaves: tuple, device: torch.device) -> dict:
+    """One call before anything is measured, so that lazy one-time state (thread pools,
+    kernel caches, Triton compilation) counts neither as time nor as the loss's memory:
+    on 8 pairs, or for ``chunked+compile`` at the case's own shape, which compiles it
+    (its time is then the row's compile time, :func:`~palmtree.bench.compiled.first_call`).
+    """
+    if case.impl == compiled.COMPILED:
+        return compiled.first_call(fn, leaves, device)
+    img, txt, *scalars = leaves
+    tiny = [t.detach()[:8].clone().requires_grad_() for t in (img, txt)]
+    fn(*tiny, *scalars).backward()
+    for t in scalars:
+        t.grad = None
+    return {}
+
+
 def _timed_runs(case: Case, device: torch.device, step) -> tuple[list[float], float, torch.Tensor]:
     """``warmup + repeats`` calls of ``step``: the timed ones (ms), peak MB, last loss."""
     memory = PeakMemory(device)
@@ -190,20 +201,21 @@ def _timed_runs(case: Case, device: torch.device, step) -> tuple[list[float], fl
         limit_address_space(case.mem_limit_mb)
     times = []
     memory.start()
-    for i in range(case.warmup + case.repeats):
-        if device.type == "cuda":
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            loss = step()
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            loss = step()
-            elapsed = (time.perf_counter() - t0) * 1e3
-        if i >= case.warmup:
-            times.append(elapsed)
+    with compiled.steady(case.impl):
+        for i in range(case.warmup + case.repeats):
+            if device.type == "cuda":
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                loss = step()
+                end.record()
+                end.synchronize()
+                elapsed = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                loss = step()
+                elapsed = (time.perf_counter() - t0) * 1e3
+            if i >= case.warmup:
+                times.append(elapsed)
     return times, memory.peak_mb(), loss
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ..backends import CONCRETE_BACKENDS
 from ..options import LOSSES
 from ..precision import PRECISIONS
 from . import peers
-from .cases import DEFAULTS, LOG_SCALE, QUICK, SIGLIP_BIAS, SIGLIP_LOG_SCALE
+from .cases import BENCH_BACKENDS, DEFAULTS, LOG_SCALE, QUICK, SIGLIP_BIAS, SIGLIP_LOG_SCALE
+from .compiled import COMPILED
 
 #: Where results go unless ``--out`` says otherwise (ignored by git).
 DEFAULT_OUT = Path("runs/bench")
@@ -125,8 +125,12 @@ def _what_flags(p: Parser) -> None:
     p.add_argument(
         "--backends",
         nargs="*",
-        choices=CONCRETE_BACKENDS,
-        help="default reference chunked, plus fused on CUDA with Triton",
+        choices=BENCH_BACKENDS,
+        help=f"palmtree's backends, and {COMPILED}: chunked's loss (forward and backward) "
+        "under torch.compile, static shapes, compiled before timing (the compile time is in "
+        "the row's note); backend='auto' never picks it. Default reference chunked, plus "
+        f"{COMPILED} and fused on CUDA with Triton (on a CPU Inductor's C++ build takes "
+        "minutes at large B: name it)",
     )
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, help=_per_device("precisions"))
     p.add_argument(

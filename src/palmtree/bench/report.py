@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..backends import BACKENDS
+from . import compiled
 from .cases import impl_label, split_label
 from .check import OUTSIDE
 from .csvfile import csv_rows, latest_run
@@ -111,8 +112,8 @@ def markdown_table(rows: list[dict]) -> str:
 
     ``IQR`` is the spread of the timed runs relative to the median (empty for one run,
     or a CSV from before it was recorded). The status cell carries the note of a row that
-    is not ``ok``, and of an ``ok`` row whose loss or temperature gradient fell outside
-    the float64 bounds.
+    is not ``ok``, and of an ``ok`` row the parts that say its loss or temperature
+    gradient fell outside the float64 bounds and how long it took to compile.
     """
     columns = ["impl", "precision", "B", "D", "median (ms)", "IQR", "min (ms)", "peak (MB)"]
     columns += ["loss", "loss diff", "grad diff", "status"]
@@ -138,8 +139,8 @@ def markdown_table(rows: list[dict]) -> str:
 def _status(r: dict) -> str:
     if r["status"] != "ok":
         return f"{r['status']}: {r['note']}"
-    outside = [part for part in r["note"].split("; ") if part.startswith(OUTSIDE)]
-    return "; ".join(["ok", *outside])
+    shown = [p for p in r["note"].split("; ") if p.startswith((OUTSIDE, compiled.NOTE_START))]
+    return "; ".join(["ok", *shown])
 
 
 def _short(text: str) -> str:
@@ -162,18 +163,21 @@ def percent(fraction: float) -> str:
 #: What each single-pass backend is compared with, when it ran: the reference backend
 #: (the memory target is relative to it) and open_clip, the peer most runs use.
 BASELINES = ("reference", "open_clip")
+#: The baselines of ``chunked+compile``: chunked in eager mode first (does compiling help?).
+COMPILED_BASELINES = ("chunked", *BASELINES)
 
 
 def target_summary(rows: list[dict]) -> list[str]:
-    """chunked (and fused) against each of :data:`BASELINES` (same loss, precision, B
-    and D) wherever both ran: memory and time ratios."""
+    """chunked (and fused) against each of :data:`BASELINES`, and chunked+compile against
+    :data:`COMPILED_BASELINES` (same loss, precision, B and D), wherever both ran: memory
+    and time ratios."""
     ok = {(r["impl"], r["precision"], r["batch"], r["dim"]): r for r in rows if r["status"] == "ok"}
     lines = []
     for (label, prec, b, d), r in sorted(ok.items(), key=lambda kv: (kv[0][1], int(kv[0][2]))):
         loss, impl = split_label(label)
-        if impl not in BACKENDS or impl == "reference":
+        if impl not in (*BACKENDS, compiled.COMPILED) or impl == "reference":
             continue
-        for base in BASELINES:
+        for base in COMPILED_BASELINES if impl == compiled.COMPILED else BASELINES:
             other = ok.get((impl_label(base, loss), prec, b, d))
             if other is not None:
                 lines.append(f"{label} / {impl_label(base, loss)} ({prec}, B={b}, D={d}): ")

@@ -21,6 +21,7 @@ import torch
 
 from .cases import SIGLIP_BIAS, Case, impl_label, skip_reason
 from .check import OUTSIDE, Oracles
+from .compiled import compile_note
 from .measure import one_line, run_case, run_case_in_process, timing
 from .report import percent
 
@@ -160,7 +161,8 @@ def combine_rounds(results: list[dict]) -> dict:
     and error.
 
     The note is the bounds' verdict of a round that fell outside them if any did (else of
-    the first), followed by how many rounds failed.
+    the first), then each round's compile time (``chunked+compile``), then how many rounds
+    failed.
     """
     ok = [r for r in results if r["status"] == "ok"]
     if not ok:
@@ -172,7 +174,7 @@ def combine_rounds(results: list[dict]) -> dict:
         values = [r[k] for r in ok if r.get(k) is not None]
         out[k] = max(values) if values else None
     notes = [r.get("note", "") for r in ok]
-    notes = [next((n for n in notes if n.startswith(OUTSIDE)), notes[0])]
+    notes = [next((n for n in notes if n.startswith(OUTSIDE)), notes[0]), compile_note(ok)]
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
         first = f"{failed[0]['status']}: {failed[0].get('note', '')}"
