@@ -13,11 +13,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .distributed import Layout, functional_group
+from .distributed import Layout, all_gather_into, functional_group
 from .tracing import compiling
 
-# torch 2.13 renamed the fixed-size collectives; older releases only have the old names.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# torch 2.13 renamed the fixed-size collectives (see distributed.all_gather_into).
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
@@ -29,7 +28,7 @@ def all_gather_flat(x: torch.Tensor, group) -> torch.Tensor:
         return fc.all_gather_tensor(x.contiguous(), 0, functional_group(group))
     world_size = dist.get_world_size(group)
     out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
-    _all_gather(out, x.contiguous(), group=group)
+    all_gather_into(out, x.contiguous(), group=group)
     return out
 
 

@@ -21,7 +21,7 @@ from .tracing import VALUE_CHECKS, GraphChecks, compiling, require
 from .watchdog import exchange_watch
 
 # torch 2.13 renamed the fixed-size collectives; older releases only have the old names.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class ClipLossInputError(ValueError):
@@ -193,7 +193,7 @@ def exchange_layout(
     device = _exchange_device(group, device)
     gathered = torch.empty(world_size * width, dtype=torch.int64, device=device)
     with exchange_watch(rank, world_size):  # where a rank calling the loss alone waits
-        _all_gather(gathered, meta.to(device), group=group)
+        all_gather_into(gathered, meta.to(device), group=group)
         rows = gathered.view(world_size, width).tolist()
 
     if any(row[1] for row in rows):
