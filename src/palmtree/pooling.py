@@ -23,13 +23,34 @@ def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ValueError: on a shape mismatch, a mask value other than 0 and 1, or a row with
             no real token (its mean would be 0/0; almost always a data-pipeline bug).
     """
+    return _masked_mean(x, mask)
+
+
+def masked_mean_pool_fp32(x: torch.Tensor, mask: torch.Tensor, findings=None) -> torch.Tensor:
+    """:func:`masked_mean_pool` that keeps the fp32 result (what the loss consumes). Under
+    ``torch.compile`` with a ``findings`` dict, the mask's value checks are added to it
+    (for every rank to see, :func:`palmtree.distributed.exchange_layout`), not asserted."""
+    return _masked_mean(x.float(), mask, findings)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, findings=None) -> torch.Tensor:
     _check_shapes(x, mask)
-    if compiling():  # no host sync in a graph: the same checks as assertions
-        for message, bad in mask_findings(mask).items():
+    real = mask.bool()
+    counts = real.sum(dim=1, keepdim=True)
+    empty = counts.squeeze(1) == 0
+    if not compiling():
+        _check_mask_values(mask, empty)
+    elif findings is not None:
+        findings.update(mask_findings(mask, empty))
+    else:  # no host sync in a graph: the same checks as assertions
+        for message, bad in mask_findings(mask, empty).items():
             require(~bad, message)
-    else:
-        _check_mask_values(mask)
-    return _pool(x, mask)
+    # Padded positions are zeroed, not multiplied by 0 (0 * nan is nan), and each real
+    # token is weighted 1/count before the sum, which then never exceeds max|x|.
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weights = real.to(wide) / counts
+    tokens = x.to(wide).masked_fill(~real[:, :, None], 0.0)
+    return torch.einsum("bl,bld->bd", weights, tokens).to(x.dtype)
 
 
 def _check_shapes(x: torch.Tensor, mask: torch.Tensor) -> None:
@@ -44,43 +65,23 @@ def _check_shapes(x: torch.Tensor, mask: torch.Tensor) -> None:
         raise ValueError(f"text_mask is on {mask.device} but the token latents are on {x.device}")
 
 
-def mask_findings(mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The mask's value checks as ``{message: bad}``, ``bad`` a 0-dim bool tensor: what a
-    compiled graph checks (:mod:`palmtree.tracing`)."""
-    binary = mask.dtype == torch.bool or ((mask == 0) | (mask == 1)).all()
-    return {
-        MASK_NOT_BINARY: ~torch.as_tensor(binary, device=mask.device),
-        MASK_EMPTY_ROW: (mask.bool().sum(dim=1) == 0).any(),
-    }
+def mask_findings(mask: torch.Tensor, empty: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The mask's value checks as ``{message: bad}``, ``bad`` a 0-dim bool tensor (``empty``:
+    the rows with no real token): what a compiled graph checks (:mod:`palmtree.tracing`)."""
+    return {MASK_NOT_BINARY: ~_binary(mask), MASK_EMPTY_ROW: empty.any()}
 
 
-def _check_mask_values(mask: torch.Tensor) -> None:
-    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+def _check_mask_values(mask: torch.Tensor, empty: torch.Tensor) -> None:
+    if mask.dtype != torch.bool and not bool(_binary(mask)):  # a bool mask: no sync
         raise ValueError(f"text_mask must hold only 0 and 1 (or be bool), got dtype {mask.dtype}")
-    empty = mask.bool().sum(dim=1) == 0
     if bool(empty.any()):
         rows = empty.nonzero().flatten().tolist()
         shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
         raise ValueError(f"text_mask has no real token in row(s) {shown}")
 
 
-def _pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    real = mask.bool()
-    counts = real.sum(dim=1, keepdim=True)
-    # Padded positions are zeroed, not multiplied by 0 (0 * nan is nan), and each real
-    # token is weighted 1/count before the sum, which then never exceeds max|x|.
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    weights = real.to(wide) / counts
-    tokens = x.to(wide).masked_fill(~real[:, :, None], 0.0)
-    return torch.einsum("bl,bld->bd", weights, tokens).to(x.dtype)
-
-
-def masked_mean_pool_fp32(x: torch.Tensor, mask: torch.Tensor, findings=None) -> torch.Tensor:
-    """:func:`masked_mean_pool` that keeps the fp32 result (what the loss consumes). Under
-    ``torch.compile`` with a ``findings`` dict, the mask's value checks are added to it
-    (for every rank to see, :func:`palmtree.distributed.exchange_layout`), not asserted."""
-    if compiling() and findings is not None:
-        _check_shapes(x, mask)
-        findings.update(mask_findings(mask))
-        return _pool(x.float(), mask)
-    return masked_mean_pool(x.float(), mask)
+def _binary(mask: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: every value of ``mask`` is 0 or 1 (always, for a bool mask)."""
+    if mask.dtype == torch.bool:
+        return torch.ones((), dtype=torch.bool, device=mask.device)
+    return ((mask == 0) | (mask == 1)).all()
