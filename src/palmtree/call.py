@@ -77,8 +77,9 @@ def prepare(
             opts, loss, local.backend, local.precision, image, text, *local.values
         )
         layout = exchange_layout(b_local, agreed, device, error, group, local.graph_checks)
-        if compiling():
-            _require_values(loss, opts, local, layout.b_global)
+        if compiling():  # the same rules as assertions in the graph; the same values everywhere
+            theta, cap, mode = local.logit_scale, opts.logit_scale_max, opts.scale_cap
+            require_usable_scale(loss, theta, local.logit_bias, cap, mode, layout.b_global)
         else:  # the same values and B on every rank: the same verdict, no more exchange
             B = layout.b_global
             overflow = loss_range_problem(loss, *local.values, opts.logit_scale_max, B)
@@ -139,13 +140,6 @@ def _check_locally(
     backend = resolve_backend(opts.backend, device)
     precision = resolve_precision(opts.precision)
     return _Checked(error, backend, precision, text, logit_scale, logit_bias, values, graph)
-
-
-def _require_values(loss, opts, local: _Checked, B) -> None:
-    """Under ``torch.compile``: :func:`loss_range_problem`'s and the log-scale's checks,
-    as assertions in the graph (:mod:`palmtree.tracing`); every rank holds the same values."""
-    theta, bias = local.logit_scale, local.logit_bias
-    require_usable_scale(loss, theta, bias, opts.logit_scale_max, opts.scale_cap, B)
 
 
 def _bias_problem(logit_bias, device) -> str | None:

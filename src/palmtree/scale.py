@@ -106,14 +106,20 @@ def loss_range_problem(loss: str, log_scale: float, bias: float, cap: float, B: 
     if not (math.isfinite(log_scale) and math.isfinite(bias)):
         return None  # reported as non-finite, or not read (check_finite=False)
     scale = min(math.exp(min(log_scale, LOG_SCALE_LIMIT)), cap)
-    if loss == "siglip":
-        largest = B * B * (scale + abs(bias) + 1.0)
-    else:
-        largest = 2.0 * B * (2.0 * scale + math.log(max(B, 1)))
-    if largest < float(torch.finfo(torch.float32).max):
+    if largest_loss_sum(loss, scale, bias, max(B, 1)) < FP32_MAX:
         return None
     return f"the scale {scale:.3g} (and bias {bias:.3g}) at a global batch of {B} {OVERFLOWS}"
 
 
+def largest_loss_sum(loss: str, scale, bias, B, log=math.log):
+    """The largest sum the loss forms at this scale, bias and global batch ``B >= 1``: the
+    one rule for :func:`loss_range_problem` (floats) and its compiled form (float64
+    tensors, ``log=torch.log``)."""
+    if loss == "siglip":
+        return B * B * (scale + abs(bias) + 1.0)
+    return 2.0 * B * (2.0 * scale + log(B))
+
+
+FP32_MAX = float(torch.finfo(torch.float32).max)
 #: :func:`loss_range_problem`'s verdict, after the values it names.
 OVERFLOWS = "would make the loss's sums overflow fp32; cap the scale (logit_scale_max)"

@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .scale import LOG_SCALE_LIMIT, OVERFLOWS, log_scale_reason
-
-_FP32_MAX = float(torch.finfo(torch.float32).max)
+from .scale import FP32_MAX, LOG_SCALE_LIMIT, OVERFLOWS, largest_loss_sum, log_scale_reason
 
 
 def compiling() -> bool:
@@ -85,8 +83,5 @@ def require_usable_scale(loss, theta, bias, cap: float, mode: str, B) -> None:
         require(~(theta > LOG_SCALE_LIMIT), f"logit_scale above {LOG_SCALE_LIMIT}: {reason}")
     scale = torch.clamp(theta.double(), max=LOG_SCALE_LIMIT).exp().clamp(max=cap)
     batch = torch.full((), B, dtype=torch.float64, device=scale.device)
-    if loss == "siglip":
-        largest = batch * batch * (scale + bias.double().abs() + 1.0)
-    else:
-        largest = 2.0 * batch * (2.0 * scale + torch.log(batch))
-    require(~(largest >= _FP32_MAX), f"the scale (and bias) at this global batch {OVERFLOWS}")
+    largest = largest_loss_sum(loss, scale, bias.double(), batch, log=torch.log)
+    require(~(largest >= FP32_MAX), f"the scale (and bias) at this global batch {OVERFLOWS}")
