@@ -78,8 +78,8 @@ class Trainer(transformers.Trainer):
         problem = _setup_problem(self)
         if problem is not None:
             raise ValueError(f"palmtree.compat.transformers.Trainer: {problem}")
-        for kind in ("clip", "siglip"):
-            _options(kind, self.loss_options)  # bad options fail here, not at the first step
+        # Checked here, so that bad options fail now and not at the first step.
+        self._options = {kind: _options(kind, self.loss_options) for kind in ("clip", "siglip")}
         self._pending: list[dict] = []
         self._eval_sums: torch.Tensor | None = None
         self._batches: GlobalBatches | None = None
@@ -94,7 +94,7 @@ class Trainer(transformers.Trainer):
     def _loss(self, image: torch.Tensor, text: torch.Tensor):
         bare = self.accelerator.unwrap_model(self.model)
         kind = self.contrastive_loss or ("siglip" if hasattr(bare, "logit_bias") else "clip")
-        opts = _options(kind, self.loss_options)
+        opts = self._options[kind]
         if kind == "clip":
             return clip_loss_with(opts, image, text, bare.logit_scale)
         return siglip_loss_with(opts, image, text, bare.logit_scale, bare.logit_bias)
