@@ -10,12 +10,16 @@ what you can call in your own tests::
     out = clip_loss(img, txt, torch.tensor(2.3))
     testing.check_scalar("loss", out.loss, exact.loss, exact.loss_bound)
 
+Same-item ``labels`` (``same_label="positive"`` or ``"ignore"``) and extra text
+``negatives`` go to the truths and the plain baselines alike, as keywords (the truths'
+``d_neg`` is the negatives' gradient).
+
 One module per concern: :mod:`.pairs` (seeded inputs), :mod:`.truth_clip` and
-:mod:`.truth_siglip` (the float64 truths, on :mod:`.problem`, :mod:`.targets` and
-:mod:`.rounding`), :mod:`.plain` (the naive fp32 baseline) and :mod:`.rules` (the
-comparisons). ``reference``/``Reference`` and ``siglip_reference``/``SigLipReference``
-are the truths' older names, kept as aliases; the truth is float64 and is not the
-loss's fp32 ``backend="reference"``.
+:mod:`.truth_siglip` (the float64 truths, CLIP's backward in :mod:`.truth_clip_backward`,
+on :mod:`.problem`, :mod:`.targets` and :mod:`.rounding`), :mod:`.plain` (the naive
+fp32 baseline) and :mod:`.rules` (the comparisons). ``reference``/``Reference`` and
+``siglip_reference``/``SigLipReference`` are the truths' older names, kept as aliases;
+the truth is float64 and is not the loss's fp32 ``backend="reference"``.
 
 How close an fp32 result must be (docs/design.md, "What exact means"):
 
@@ -24,18 +28,25 @@ How close an fp32 result must be (docs/design.md, "What exact means"):
   first-order error analysis: every fp32 logit is off by at most
   ``E_ij = s * (gamma(2D + 4) * sum_k |u_ik v_jk| + gamma(5))`` (normalisation, the
   ``D``-term dot product, the scale and the shift before ``exp``; ``gamma(n) = n u /
-  (1 - n u)``, ``u = 2**-24``), each loss term ``t = -log p_positive`` moves by at most
-  ``sum_j |p_j - [j = positive]| E_j`` under those errors and is formed to
-  ``gamma(3B + 3)`` relative, and sums of ``n`` terms add ``gamma(n)`` times the sum of
-  their absolute values (each operation may also lose ``2**-149`` to underflow). The
-  bound is relative to the loss (no absolute allowance above fp32's underflow), so a
-  small loss must keep its digits too. It is a worst case, not a typical error:
-  correct fp32 code sits far inside it; the defects it exists for (an ``lse - logit``
-  cancelling at magnitude ``scale``) leave it by orders of magnitude. The CLIP
-  temperature's gradient is formed, here as in the backends, from each similarity's
-  difference to its row's and its column's positive (:mod:`palmtree.backends.base`),
-  and bounded as formed: at a peaked softmax that too is relative to the value, which
-  ``sum G * (U V^T)``, cancelling to ``eps / loss``, is not.
+  (1 - n u)``, ``u = 2**-24``), each loss term ``t = lse - sum_j a_j S_j`` (``a_j`` the
+  target weights: 1 at the own pair, ``1 / |P|`` at each pair of a same-item label, 0
+  elsewhere; :mod:`.targets`) moves by at most ``sum_j |p_j - a_j| E_j`` under those
+  errors (an ignored entry has ``p_j = a_j = 0``) and is formed to ``gamma(3n + 3)``
+  relative over its ``n`` columns (the texts and any extra negatives), and sums of ``n``
+  terms add ``gamma(n)`` times the sum of their absolute values (each operation may also
+  lose ``2**-149`` to underflow). The bound is relative to the loss (no absolute
+  allowance above fp32's underflow), so a small loss must keep its digits too. It is a
+  worst case, not a typical error: correct fp32 code sits far inside it; the defects it
+  exists for (an ``lse - logit`` cancelling at magnitude ``scale``) leave it by orders
+  of magnitude. A term of several targets is formed so too: from non-negative parts,
+  the mean of ``max - S_j`` over them plus ``log`` of the sum, not ``max`` less their
+  mean logit, which cancels at magnitude ``scale`` where duplicates nearly coincide.
+  The CLIP temperature's gradient is formed, here as in the backends, from each
+  similarity's difference to its row's and its column's positive
+  (:mod:`palmtree.backends.base`), and bounded as formed: at a peaked softmax that too
+  is relative to the value, which ``sum G * (U V^T)``, cancelling to ``eps / loss``, is
+  not. Where a row has several targets its similarities are measured against their
+  mean (off by that mean's own rounding), every term included.
 * **Gradient tensors** must be within ``2 x`` the error of a plain fp32 computation of
   the same gradient (materialised logits, autograd), plus ``1e-6`` of their largest
   entry: :func:`check_tensor`. This is the maximum over many entries, each carrying the

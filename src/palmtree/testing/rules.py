@@ -17,7 +17,8 @@ def worst_of_orders(
     exact,
     orders: int = 4,
     seed: int = 123,
-    feature_keys: tuple[str, ...] = ("d_img", "d_txt"),
+    feature_keys: tuple[str, ...] = ("d_img", "d_txt", "d_neg"),
+    negatives: torch.Tensor | None = None,
 ) -> dict:
     """``plain(img, txt)`` over ``orders`` feature orders, each output the worst one.
 
@@ -26,14 +27,17 @@ def worst_of_orders(
     the worst of a few is what the plain computation can be relied on to achieve, which
     makes "within 2x plain" a rule that holds on every machine, not only a lucky one.
     ``exact`` maps output names to their float64 truth (e.g. ``vars(clip_truth(...))``);
-    the outputs named in ``feature_keys`` are per-feature and permuted back.
+    the outputs named in ``feature_keys`` are per-feature and permuted back. Extra
+    ``negatives`` are permuted with the features and passed on as
+    ``plain(img, txt, negatives=...)``, so they are not to be bound into ``plain``.
     """
     g = torch.Generator().manual_seed(seed)
     worst: dict = {}
     for k in range(orders):
         perm = torch.arange(img.shape[1]) if k == 0 else torch.randperm(img.shape[1], generator=g)
         perm = perm.to(img.device)
-        out = plain(img[:, perm], txt[:, perm])
+        extra = {} if negatives is None else {"negatives": negatives[:, perm]}
+        out = plain(img[:, perm], txt[:, perm], **extra)
         inv = torch.argsort(perm)
         for name in feature_keys:
             if name in out:
