@@ -7,6 +7,9 @@ TORCH_PIN := torch==2.13.0
 # Peers the tests and the benchmark compare against. --no-deps: open_clip's own
 # requirements (torchvision, timm) would pull another torch; only its loss.py is used.
 PEERS := open-clip-torch==3.3.0
+# sentence-transformers' MultipleNegativesRankingLoss, which text_negatives reproduces
+# (tests/test_peers_targets.py); --no-deps: transformers and the rest come with '.[dev]'.
+TEST_PEERS := sentence-transformers==6.0.1
 STAMP := $(VENV)/.installed
 # What the lent GPU machine lacks (its own Python 3.12, no registry): pure-Python wheels
 # that `run` carries in .whl/ (ignored by git) and benchmarks/gpu_check.sh installs.
@@ -24,8 +27,8 @@ $(STAMP): pyproject.toml Makefile
 	@$(BIN)/pip install -q $(TORCH_PIN)
 	@echo "setup: installing this package, editable, with its extras and test tools ('.[dev]')"
 	@$(BIN)/pip install -q -e '.[dev]'
-	@echo "setup: installing the peers the tests compare against: $(PEERS) (--no-deps)"
-	@$(BIN)/pip install -q --no-deps $(PEERS)
+	@echo "setup: installing the peers the tests compare against: $(PEERS) $(TEST_PEERS) (--no-deps)"
+	@$(BIN)/pip install -q --no-deps $(PEERS) $(TEST_PEERS)
 	@touch $(STAMP)
 	@echo "setup: done; $(VENV) is ready"
 

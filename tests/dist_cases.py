@@ -175,3 +175,66 @@ def ddp_gradients(rank, n, backend, sizes, loss="clip"):
 def barrier(rank, n):
     dist.barrier()
     return rank
+
+
+def targets_loss_and_grads(rank, n, loss, backend, sizes, neg_sizes, labels, mode, weights):
+    """This rank's slice of a seeded global batch with ``labels`` (``[B]`` or ``None``) and
+    ``neg_sizes[r]`` extra negatives per rank (``None``: no negatives at all)."""
+    img, txt = make_pairs(sum(sizes), 16, seed=5)
+    negs = make_pairs(sum(neg_sizes or [0]) + 1, 16, seed=6)[1][1:]
+    o, b = sum(sizes[:rank]), sizes[rank]
+    i = img[o : o + b].clone().requires_grad_()
+    t = txt[o : o + b].clone().requires_grad_()
+    kw = dict(backend=backend, same_label=mode, chunk_size=4)
+    neg = None
+    if neg_sizes is not None:
+        no = sum(neg_sizes[:rank])
+        neg = negs[no : no + neg_sizes[rank]].clone().requires_grad_()
+        kw["text_negatives"] = neg
+    if labels is not None:
+        kw["labels"] = labels[o : o + b]
+    scale = torch.tensor(2.5, requires_grad=True)
+    if loss == "clip":
+        out, params = palmtree.clip_loss(i, t, scale, **kw), {"d_scale": scale}
+    else:
+        bias = torch.tensor(-2.0, requires_grad=True)
+        out = palmtree.siglip_loss(i, t, scale, bias, **kw)
+        params = {"d_scale": scale, "d_bias": bias}
+    (out.loss * weights[rank]).backward()
+    grads = {name: p.grad for name, p in params.items()}
+    d_neg = None if neg is None else neg.grad
+    if neg is not None and d_neg is None:  # no rank has a negative: nothing reached them
+        assert sum(neg_sizes) == 0
+        d_neg = torch.zeros_like(neg)
+    return dict(
+        loss=out.loss.detach(),
+        metrics=out.metrics(),
+        d_img=i.grad,
+        d_txt=t.grad,
+        d_neg=d_neg,
+        **grads,
+    )
+
+
+def targets_bad_input(rank, n, bad_rank, kind):
+    """Rank ``bad_rank`` passes bad labels or negatives of the given kind."""
+    img, txt = make_pairs(3 * n, 8, seed=3)
+    i, t = img[3 * rank : 3 * rank + 3], txt[3 * rank : 3 * rank + 3]
+    labels, negs, mode = torch.tensor([0, 1, 0]), torch.randn(2, 8), "positive"
+    if rank == bad_rank:
+        if kind == "float":
+            labels = labels.float()
+        elif kind == "length":
+            labels = labels[:2]
+        elif kind == "width":
+            negs = torch.randn(2, 7)
+        elif kind == "one_rank":
+            labels = None
+        elif kind == "negatives_one_rank":
+            negs = None
+        elif kind == "mode":
+            mode = "positives"
+        elif kind == "nan":
+            negs[1, 3] = float("nan")
+    kw = dict(labels=labels, text_negatives=negs, same_label=mode, backend="chunked")
+    palmtree.clip_loss(i, t, torch.tensor(2.0), **kw)

@@ -45,7 +45,7 @@ def test_each_setup_step_says_what_it_does(tmp_path):
         "pip install -q --upgrade pip",
         "pip install -q torch==2.13.0",
         "pip install -q -e .[dev]",
-        "pip install -q --no-deps open-clip-torch==3.3.0",
+        "pip install -q --no-deps open-clip-torch==3.3.0 sentence-transformers==6.0.1",
     ]
     # Before each install, a line that names what comes: pip is quiet for minutes.
     assert lines[0] == f"setup: creating {venv} with {python}"

@@ -77,19 +77,22 @@ def scale_problem(logit_scale, device: torch.device) -> str | None:
     return None
 
 
-def host_checks(image, text, logit_scale, logit_bias, opts: LossOptions):
+def host_checks(image, text, logit_scale, logit_bias, opts: LossOptions, negatives=None):
     """``(problem, (scale, bias))``: non-finite values in the inputs (when
     ``opts.check_finite``), a log-scale the loss cannot use
     (:func:`~palmtree.scale.log_scale_problem`), and the scale's and bias's values (0-dim
     tensors here), read with one host sync."""
     values = [logit_scale.detach().double(), logit_bias.detach().double()]
+    features = [("image_features", image), ("text_features", text)]
+    if negatives is not None:
+        features.append(("text_negatives", negatives))
     if opts.check_finite:
-        values += [torch.isfinite(image).all().double(), torch.isfinite(text).all().double()]
+        values += [torch.isfinite(x).all().double() for _, x in features]
     scale, bias, *features_ok = torch.stack(values).tolist()
     problem = log_scale_problem(scale, opts.logit_scale_max, opts.scale_cap)
     if opts.check_finite:
         oks = (*features_ok, math.isfinite(scale), math.isfinite(bias))
-        names = ("image_features", "text_features", "logit_scale", "logit_bias")
+        names = (*(name for name, _ in features), "logit_scale", "logit_bias")
         bad = [name for name, ok in zip(names, oks, strict=True) if not ok]
         if bad:
             problem = f"non-finite values (nan or inf) in {', '.join(bad)}"

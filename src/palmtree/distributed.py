@@ -66,12 +66,14 @@ def world(group=None) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Layout:
-    """How the global batch is split: ``sizes[r]`` pairs on rank ``r``, in rank order."""
+    """How the global batch is split: ``sizes[r]`` pairs on rank ``r``, in rank order, and
+    ``negative_sizes[r]`` extra text columns (``text_negatives``; none when empty)."""
 
     rank: int
     world_size: int
     sizes: tuple[int, ...]
     group: object = None
+    negative_sizes: tuple[int, ...] = ()
 
     @property
     def b_local(self) -> int:
@@ -95,6 +97,12 @@ class Layout:
         the forward's sizes to the backward's only through the saved tensors."""
         sizes = list(self.sizes)
         sizes[self.rank] = rows
+        return Layout(self.rank, self.world_size, tuple(sizes), self.group, self.negative_sizes)
+
+    @property
+    def negatives(self) -> Layout:
+        """The layout of the extra text columns, for their gathers and reduce-scatters."""
+        sizes = self.negative_sizes or (0,) * self.world_size
         return Layout(self.rank, self.world_size, tuple(sizes), self.group)
 
     def per_column(self, values: torch.Tensor) -> torch.Tensor:
@@ -163,15 +171,16 @@ def exchange_layout(
     local_error: str | None,
     group=None,
     graph_checks: GraphChecks | None = None,
+    n_negatives: int = 0,
 ) -> Layout:
     """Agrees on the batch layout and validates inputs on every rank at once.
 
-    One small all-gather carries each rank's batch size, whether it found a problem in
-    its own inputs, and the codes of everything the ranks must agree on (``agreed``).
-    Every rank then raises the same :class:`ClipLossInputError`, naming the rank(s) at
-    fault, instead of one rank raising and the rest hanging in the next collective; an
-    empty global batch is one too. Under ``torch.compile`` see :func:`_exchange_traced`
-    (``graph_checks``: the checks of values, which run in the graph).
+    One small all-gather carries each rank's batch size, extra text columns
+    (``n_negatives``), whether it found a problem in its own inputs, and the codes of
+    everything the ranks must agree on (``agreed``). Every rank then raises the same
+    :class:`ClipLossInputError`, naming the rank(s) at fault, instead of one rank raising
+    and the rest hanging in the next collective; an empty global batch is one too. Under
+    ``torch.compile`` see :func:`_exchange_traced` (``graph_checks``: the value checks).
     """
     rank, world_size = world(group)
     if world_size == 1:
@@ -181,15 +190,15 @@ def exchange_layout(
             raise ClipLossInputError(_EMPTY)
         if graph_checks is not None:
             graph_checks.require_here()
-        return Layout(0, 1, (b_local,), group)
+        return Layout(0, 1, (b_local,), group, (n_negatives,))
     if compiling():
         checks = graph_checks or GraphChecks()
-        return _exchange_traced(rank, world_size, b_local, agreed, local_error, group, checks)
+        sizes = (b_local, n_negatives)
+        return _exchange_traced(rank, world_size, sizes, agreed, local_error, group, checks)
 
-    width = 2 + len(agreed)
-    meta = torch.tensor(
-        [b_local, int(local_error is not None), *(a.code for a in agreed)], dtype=torch.int64
-    )
+    width = _HEAD + len(agreed)
+    head = [b_local, int(local_error is not None), n_negatives]
+    meta = torch.tensor([*head, *(a.code for a in agreed)], dtype=torch.int64)
     device = _exchange_device(group, device)
     gathered = torch.empty(world_size * width, dtype=torch.int64, device=device)
     with exchange_watch(rank, world_size):  # where a rank calling the loss alone waits
@@ -204,7 +213,7 @@ def exchange_layout(
         raise ClipLossInputError(text)
 
     mismatches = []
-    for k, field in enumerate(agreed, start=2):
+    for k, field in enumerate(agreed, start=_HEAD):
         codes = [row[k] for row in rows]
         if len(set(codes)) > 1:
             listing = ", ".join(f"rank {r}: {field.show(c)}" for r, c in enumerate(codes))
@@ -213,7 +222,12 @@ def exchange_layout(
         raise ClipLossInputError("; ".join(mismatches))
     if all(row[0] == 0 for row in rows):
         raise ClipLossInputError(_EMPTY)
-    return Layout(rank, world_size, tuple(row[0] for row in rows), group)
+    negatives = tuple(row[2] for row in rows)
+    return Layout(rank, world_size, tuple(row[0] for row in rows), group, negatives)
+
+
+#: The exchange's leading entries: the batch size, the error flag, the extra columns.
+_HEAD = 3
 
 
 def functional_group(group):
@@ -228,7 +242,7 @@ _EMPTY_RANK_COMPILED = (
 )
 
 
-def _exchange_traced(rank, world_size, b_local, agreed, local_error, group, checks) -> Layout:
+def _exchange_traced(rank, world_size, own, agreed, local_error, group, checks) -> Layout:
     """:func:`exchange_layout` in a graph ``torch.compile`` traces: the same all-gather (a
     functional collective) with the value checks' flags and the scale's and bias's bits
     appended, its verdicts as assertions (:func:`palmtree.tracing.require`: a
@@ -237,17 +251,18 @@ def _exchange_traced(rank, world_size, b_local, agreed, local_error, group, chec
     nothing new."""
     from torch.distributed import _functional_collectives as fc
 
-    device = _exchange_device(group, torch.device("cpu"))
-    head = torch.tensor([b_local, int(local_error is not None), *(a.code for a in agreed)])
+    (b_local, n_negatives), device = own, _exchange_device(group, torch.device("cpu"))
+    codes = (a.code for a in agreed)
+    head = torch.tensor([b_local, int(local_error is not None), n_negatives, *codes])
     meta = torch.cat([head.to(device), checks.packed(device)])
     rows = fc.all_gather_tensor(meta, 0, functional_group(group)).view(world_size, -1)
     for r in range(world_size):
         why = f": {local_error}" if r == rank and local_error else " (its own error says which)"
         require(rows[r, 1] == 0, f"rank {r}: a problem in its input{why}")
     names = [a.name for a in agreed]
-    for k, name in enumerate(names, start=2):
+    for k, name in enumerate(names, start=_HEAD):
         require((rows[:, k] == rows[0, k]).all(), f"{name} differs across ranks")
-    first = 2 + len(names)
+    first = _HEAD + len(names)
     for r in range(world_size):
         for k, message in enumerate(VALUE_CHECKS, start=first):
             require(rows[r, k] == 0, f"rank {r}: {message}")
@@ -257,8 +272,9 @@ def _exchange_traced(rank, world_size, b_local, agreed, local_error, group, chec
     # A graph traced for 0 rows leaves out the backward's collectives that only feed the
     # rows' gradients (docs/design.md §9): every rank is refused, none waits for it.
     require((rows[:, 0] > 0).all(), _EMPTY_RANK_COMPILED)
-    sizes = rows[:, 0].tolist()
-    for s in sizes:
+    sizes, negatives = rows[:, 0].tolist(), rows[:, 2].tolist()
+    for s in sizes + negatives:
         torch._check(s >= 0)
     torch._check(sizes[rank] == b_local)  # this rank's own size, as its input's shape says
-    return Layout(rank, world_size, tuple(sizes), group)
+    torch._check(negatives[rank] == n_negatives)
+    return Layout(rank, world_size, tuple(sizes), group, tuple(negatives))

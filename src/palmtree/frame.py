@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .backends import get_kernels
-from .backends.chunked import WHOLE
-from .call import Call, prepare
+from .backends.chunks import WHOLE
+from .call import NO_EXTRAS, Call, Extras, prepare
 from .options import LossOptions
 from .protocol import PassOptions
 from .tracing import compiling
@@ -28,32 +28,37 @@ from .tracing import compiling
 
 @dataclass(frozen=True)
 class LossKind:
-    """One loss: ``reference(image, text, *params, layout, precision, normalize)`` and
-    ``single_pass.apply(image, text, *params, PassOptions)`` both return
-    ``(N * share_r, global metric sums)``; ``params`` is the scale, then SigLIP's bias."""
+    """One loss: ``reference(image, text, negatives, *params, layout, precision, normalize,
+    targets)`` and ``single_pass.apply(image, text, negatives, *params, PassOptions)`` both
+    return ``(N * share_r, global metric sums)``; ``params`` is the scale, then SigLIP's
+    bias; ``negatives`` is ``None`` or this rank's extra text columns."""
 
     name: str
     reference: Callable
     single_pass: type[torch.autograd.Function]
 
 
-def run(kind: LossKind, opts: LossOptions, *inputs) -> tuple[Call, torch.Tensor, torch.Tensor]:
-    """``(call, loss, sums)``: the call checked on every rank (``inputs`` as
+def run(
+    kind: LossKind, opts: LossOptions, *inputs, extras: Extras = NO_EXTRAS
+) -> tuple[Call, torch.Tensor, torch.Tensor]:
+    """``(call, loss, sums)``: the call checked on every rank (``inputs`` and ``extras`` as
     :func:`~palmtree.call.prepare` takes them), then computed in fp32."""
-    call = prepare(kind.name, opts, *inputs)
+    call = prepare(kind.name, opts, *inputs, extras=extras)
     params = (call.scale,) if call.bias is None else (call.scale, call.bias)
+    features = (call.image, call.text, call.negatives)
     with torch.autocast(call.device.type, enabled=False):
         if call.backend == "reference":
-            loss, sums = kind.reference(
-                call.image, call.text, *params, call.layout, call.precision, opts.normalize
-            )
+            how = (call.layout, call.precision, opts.normalize, call.targets)
+            loss, sums = kind.reference(*features, *params, *how)
         else:
             kernels = get_kernels(call.backend, fallback=opts.backend == "auto")
             chunk = opts.chunk_size
             if compiling() and call.layout.world_size > 1:
                 chunk = WHOLE  # B is known only at run time: one chunk per rank
-            how = PassOptions(kernels, call.layout, call.precision, chunk, opts.normalize)
-            loss, sums = kind.single_pass.apply(call.image, call.text, *params, how)
+            how = PassOptions(
+                kernels, call.layout, call.precision, chunk, opts.normalize, call.targets
+            )
+            loss, sums = kind.single_pass.apply(*features, *params, how)
     return call, loss, sums
 
 
@@ -169,40 +174,47 @@ class LossModule(nn.Module):
         text_features: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         *,
+        labels: torch.Tensor | None = None,
+        text_negatives: torch.Tensor | None = None,
         distributed: bool | None = None,
     ):
         """The loss of the projected features (token latents ``[b, L, D]`` with
-        ``text_mask``), with this module's parameters; ``distributed=False`` for this call
-        only computes it on this process alone (see :func:`palmtree.clip_loss`)."""
+        ``text_mask``), with this module's parameters. ``labels`` and ``text_negatives``
+        as in :func:`palmtree.clip_loss` (the negatives go through the text projection);
+        ``distributed=False`` for this call only computes it on this process alone."""
         image_features, text_features, error = self.project(image_features, text_features)
+        if error is None and text_negatives is not None:
+            _, text_negatives, error = self.project(None, text_negatives, "text_negatives")
         opts = self.options
         if distributed is not None and distributed != opts.distributed:
             opts = dataclasses.replace(opts, distributed=distributed)
-        return self.compute(opts, image_features, text_features, text_mask, error)
+        extras = Extras(labels, text_negatives)
+        return self.compute(opts, image_features, text_features, text_mask, error, extras)
 
-    def compute(self, opts, image_features, text_features, text_mask, error):
+    def compute(self, opts, image_features, text_features, text_mask, error, extras):
         raise NotImplementedError
 
-    def project(self, image_features, text_features):
-        """``(image, text, error)``: both sides projected, or a width mismatch as a message.
+    def project(self, image_features, text_features, text_name: str = "text_features"):
+        """``(image, text, error)``: both sides projected, or a width mismatch as a message
+        (``None`` for a side passes through; ``text_name`` names the text side in it).
 
         Projecting before pooling is fine: a linear map commutes with the masked mean,
         and the loss then sees one width on both sides. A mismatch, or a projection that
         fails (a dtype the layer does not take), goes through the loss's exchange so that
         every rank raises it, not just this one.
         """
-        for side, x, expected in (
-            ("image", image_features, self.image_dim),
-            ("text", text_features, self.text_dim),
+        for name, side, x, expected in (
+            ("image_features", "image", image_features, self.image_dim),
+            (text_name, "text", text_features, self.text_dim),
         ):
             if expected is not None and isinstance(x, torch.Tensor) and x.shape[-1] != expected:
                 error = (
-                    f"{side}_features have dim {x.shape[-1]} but this "
+                    f"{name} have dim {x.shape[-1]} but this "
                     f"{type(self).__name__} was built with {side}_dim={expected}"
                 )
                 return image_features, text_features, error
         try:
-            if self.image_proj is not None:
+            if self.image_proj is not None and image_features is not None:
                 image_features = self.image_proj(image_features)
             if self.text_proj is not None:
                 text_features = self.text_proj(text_features)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .backends.reference import reference_loss
+from .call import NO_EXTRAS, Extras
 from .frame import LossKind, LossModule, LossOutput, run
 from .options import LossOptions, takes_options
 from .protocol import SinglePassLoss
@@ -40,6 +41,8 @@ def clip_loss(
     logit_scale: torch.Tensor | float,
     *,
     text_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    text_negatives: torch.Tensor | None = None,
     options: LossOptions,
 ) -> ClipLossOutput:
     """Bidirectional CLIP loss over the global batch of every rank in ``group``.
@@ -51,6 +54,15 @@ def clip_loss(
         logit_scale: the *log* temperature, as CLIP models store it (a number or any
             one-element tensor); the loss uses ``min(exp(logit_scale), logit_scale_max)``.
         text_mask: ``[b, L]``, 1 for real tokens; required with token latents.
+        labels: ``[b]`` integer item ids (any values): pairs anywhere in the global batch
+            with equal ids are the same item, treated as ``same_label`` says. With
+            ``"positive"`` image row ``i``'s target is uniform over the texts of its item
+            (and text column ``j``'s over the images of its item); with ``"ignore"`` the
+            other same-item pairs leave the softmaxes. ``None``: every pair is its own item.
+        text_negatives: ``[n, D]`` extra text columns (``n`` may differ per rank, 0
+            included): every image row of the global batch also runs its softmax over
+            every rank's negatives; they are never a target nor a query (the text->image
+            direction is unchanged), and they get gradients. Normalised like the texts.
 
     Returns:
         :class:`ClipLossOutput`. Ranks may hold different ``b``, including 0; every
@@ -62,7 +74,10 @@ def clip_loss(
         ClipLossInputError: on every rank, naming the rank(s) whose input or options are
             bad or differ from the others' (docs/design.md lists what is checked).
     """
-    return clip_loss_with(options, image_features, text_features, logit_scale, text_mask)
+    extras = Extras(labels, text_negatives)
+    return clip_loss_with(
+        options, image_features, text_features, logit_scale, text_mask, extras=extras
+    )
 
 
 def clip_loss_with(
@@ -73,11 +88,20 @@ def clip_loss_with(
     text_mask=None,
     *,
     local_error: str | None = None,
+    extras: Extras = NO_EXTRAS,
 ) -> ClipLossOutput:
     """:func:`clip_loss` with its options as one record, plus a problem the caller (a
     module wrapping the loss) found in this rank's input already."""
     call, loss, sums = run(
-        CLIP, opts, image_features, text_features, logit_scale, text_mask, None, local_error
+        CLIP,
+        opts,
+        image_features,
+        text_features,
+        logit_scale,
+        text_mask,
+        None,
+        local_error,
+        extras=extras,
     )
     return ClipLossOutput.of(call, loss, sums)
 
@@ -105,7 +129,7 @@ class ClipLoss(LossModule):
         super().__init__(image_dim, text_dim, embed_dim, options)
         self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
 
-    def compute(self, opts, image_features, text_features, text_mask, error) -> ClipLossOutput:
+    def compute(self, opts, image, text, text_mask, error, extras) -> ClipLossOutput:
         return clip_loss_with(
-            opts, image_features, text_features, self.logit_scale, text_mask, local_error=error
+            opts, image, text, self.logit_scale, text_mask, local_error=error, extras=extras
         )

@@ -20,6 +20,7 @@ from .backends import backend_name_problem
 from .distributed import LOCAL
 from .precision import precision_problem
 from .scale import scale_cap_problem
+from .targets import SAME_LABEL
 
 #: The losses, everywhere (``palmtree train --loss``, ``bench --loss``, ``verify --losses``).
 LOSSES = ("clip", "siglip")
@@ -67,6 +68,12 @@ class LossOptions:
         "L2-normalise the features (fp32, eps ``palmtree.normalize.NORM_EPS``). ``False`` "
         "takes them as given, as open_clip's loss does.",
     )
+    same_label: str = _option(
+        "positive",
+        'what pairs with equal ``labels`` are to each other: ``"positive"`` (each other\'s '
+        'targets) or ``"ignore"`` (left out of the loss; the diagonal stays the only '
+        "positive). Without ``labels`` every pair is its own item and this does nothing.",
+    )
     check_finite: bool = _option(True, "reject NaN/inf features (costs one host sync).")
     distributed: bool = _option(
         True,
@@ -87,6 +94,7 @@ class LossOptions:
             backend_name_problem(self.backend)
             or precision_problem(self.precision)
             or scale_cap_problem(self.scale_cap)
+            or _same_label_problem(self.same_label)
         )
         if problem is not None:
             return problem
@@ -107,6 +115,12 @@ class LossOptions:
         if problem is not None:
             raise ValueError(problem)
         return self
+
+
+def _same_label_problem(value) -> str | None:
+    if isinstance(value, str) and value in SAME_LABEL:
+        return None
+    return f"same_label must be one of {SAME_LABEL}, got {value!r}"
 
 
 def is_real(x) -> bool:

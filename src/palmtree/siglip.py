@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .backends.reference import reference_sigmoid_loss
+from .call import NO_EXTRAS, Extras
 from .frame import LossKind, LossModule, LossOutput, run
 from .options import LossOptions, takes_options
 from .protocol import SigmoidPassLoss
@@ -52,6 +53,8 @@ def siglip_loss(
     logit_bias: torch.Tensor | float,
     *,
     text_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    text_negatives: torch.Tensor | None = None,
     options: LossOptions,
 ) -> SigLipLossOutput:
     """SigLIP's pairwise sigmoid loss over the global batch of every rank in ``group``.
@@ -65,13 +68,20 @@ def siglip_loss(
             ``SigLipLoss``; pass ``logit_scale_max=100`` for CLIP's).
         logit_bias: the bias ``b`` added to every logit (SigLIP initialises it to -10);
             a number or any one-element tensor, as the scale.
+        labels: ``[b]`` integer item ids, as in :func:`palmtree.clip_loss`: with
+            ``same_label="positive"`` every pair of one item has ``z = +1``; with
+            ``"ignore"`` the same-item pairs off the diagonal leave the sum.
+        text_negatives: ``[n, D]`` extra text columns: every (image, negative) pair of
+            the global batch is one more term with ``z = -1``. The normalisation stays
+            ``1 / B``.
 
     Returns:
         :class:`SigLipLossOutput`; the same checks and the same errors on every rank as
         :func:`palmtree.clip_loss`.
     """
+    extras = Extras(labels, text_negatives)
     return siglip_loss_with(
-        options, image_features, text_features, logit_scale, logit_bias, text_mask
+        options, image_features, text_features, logit_scale, logit_bias, text_mask, extras=extras
     )
 
 
@@ -84,10 +94,19 @@ def siglip_loss_with(
     text_mask=None,
     *,
     local_error: str | None = None,
+    extras: Extras = NO_EXTRAS,
 ) -> SigLipLossOutput:
     """:func:`siglip_loss` with its options as one record (see :func:`clip_loss_with`)."""
     call, loss, sums = run(
-        SIGLIP, opts, image_features, text_features, logit_scale, text_mask, logit_bias, local_error
+        SIGLIP,
+        opts,
+        image_features,
+        text_features,
+        logit_scale,
+        text_mask,
+        logit_bias,
+        local_error,
+        extras=extras,
     )
     # A copy of the bias: the parameter itself may be the fp32 tensor the loss used.
     return SigLipLossOutput.of(call, loss, sums, logit_bias=call.bias.detach().clone())
@@ -118,13 +137,8 @@ class SigLipLoss(LossModule):
         self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
         self.logit_bias = nn.Parameter(torch.tensor([float(init_logit_bias)]))
 
-    def compute(self, opts, image_features, text_features, text_mask, error) -> SigLipLossOutput:
+    def compute(self, opts, image, text, text_mask, error, extras) -> SigLipLossOutput:
+        scale, bias = self.logit_scale, self.logit_bias
         return siglip_loss_with(
-            opts,
-            image_features,
-            text_features,
-            self.logit_scale,
-            self.logit_bias,
-            text_mask,
-            local_error=error,
+            opts, image, text, scale, bias, text_mask, local_error=error, extras=extras
         )

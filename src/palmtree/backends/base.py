@@ -55,6 +55,8 @@ from typing import Protocol
 
 import torch
 
+from ..targets import Targets
+
 
 @dataclass
 class ForwardStats:
@@ -76,6 +78,15 @@ class ForwardStats:
     col_max: torch.Tensor
     col_neg: torch.Tensor
     diag: torch.Tensor
+    #: With same-item positives (``Targets`` with ``ignore=False``): each local row's sum
+    #: over its other targets of ``pair_dot[own] - <u_i, v_j>`` (its own pair's similarity
+    #: less the target's) [b], each column's over the local rows [B], and the largest
+    #: logit at a target, per row [b] and per column over the local rows [B] (the
+    #: accuracies). ``None`` otherwise.
+    row_pos_gap: torch.Tensor | None = None
+    col_pos_gap: torch.Tensor | None = None
+    row_pos_max: torch.Tensor | None = None
+    col_pos_max: torch.Tensor | None = None
 
     @property
     def row_sum(self) -> torch.Tensor:
@@ -108,12 +119,27 @@ class GradientTerms:
     pos_weight: torch.Tensor
     diag: torch.Tensor
     pair_dot: torch.Tensor
+    #: With same-item positives: ``targets``, what the ``dscale`` differences are taken
+    #: against (``row_ref`` [b] and ``col_ref`` [one per column]: the mean of ``U V^T``
+    #: over each row's and each column's targets, in place of ``d`` and ``c``), and the
+    #: weights subtracted at a target off the diagonal, ``row_target[i] + col_target[j]``.
+    #: With ignored same-item pairs: ``targets`` only (``G`` is 0 there).
+    targets: Targets | None = None
+    row_ref: torch.Tensor | None = None
+    col_ref: torch.Tensor | None = None
+    row_target: torch.Tensor | None = None
+    col_target: torch.Tensor | None = None
 
     def to_f32(self) -> GradientTerms:
         """Detached, contiguous fp32 copies (views the protocol hands in may be strided)."""
         fields = (self.row_shift, self.row_coef, self.col_shift, self.col_coef)
         rest = (self.pos_weight, self.diag, self.pair_dot)
-        return GradientTerms(*(t.detach().to(torch.float32).contiguous() for t in fields + rest))
+        copies = [t.detach().to(torch.float32).contiguous() for t in fields + rest]
+        extra = [
+            None if t is None else t.detach().to(torch.float32).contiguous()
+            for t in (self.row_ref, self.col_ref, self.row_target, self.col_target)
+        ]
+        return GradientTerms(*copies, self.targets, *extra)
 
 
 def zero_grads(u: torch.Tensor, v: torch.Tensor):
@@ -135,6 +161,7 @@ class Kernels(Protocol):
         offset: int,
         precision: str,
         chunk_size: int | None,
+        targets: Targets | None = None,
     ) -> ForwardStats: ...
 
     def backward(
@@ -166,6 +193,10 @@ class SigmoidStats:
     row_max: torch.Tensor
     col_max: torch.Tensor
     diag: torch.Tensor
+    #: With same-item positives: the largest ``S`` at a positive, per row and per column
+    #: over the local rows (the accuracies); ``None`` otherwise.
+    row_pos_max: torch.Tensor | None = None
+    col_pos_max: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, B: int, device: torch.device) -> SigmoidStats:
@@ -188,9 +219,9 @@ class SigmoidKernels(Protocol):
     name: str
 
     def sigmoid_forward(
-        self, u, v, scale, bias, offset: int, precision: str, chunk_size: int | None
+        self, u, v, scale, bias, offset: int, precision: str, chunk_size: int | None, targets=None
     ) -> SigmoidStats: ...
 
     def sigmoid_backward(
-        self, u, v, scale, bias, offset: int, precision: str, chunk_size, row_weight
+        self, u, v, scale, bias, offset: int, precision: str, chunk_size, row_weight, targets=None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...

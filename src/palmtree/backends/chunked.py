@@ -13,60 +13,23 @@ import torch.nn.functional as F
 
 from ..precision import cast_operand, fp32_matmul_mode, mm
 from .base import ForwardStats, GradientTerms, SigmoidStats, zero_grads
-
-#: Bytes of ``b x chunk`` temporaries alive at once: the backward's four fp32 buffers
-#: (product, gradient, scratch, the temperature's terms); in tf32/bf16 modes the rounded
-#: copy of the gradient takes the freed product's place.
-_BYTES_PER_LOGIT = 4 * 4
-_DEFAULT_BUDGET = {"cpu": 32 << 20, "cuda": 1 << 30}
-
-
-def auto_chunk_size(b: int, big: int, device: torch.device, budget: int | None = None) -> int:
-    """Columns per chunk so that the chunk temporaries stay within ``budget`` bytes."""
-    if budget is None:
-        budget = _DEFAULT_BUDGET.get(device.type, 256 << 20)
-    cols = budget // (_BYTES_PER_LOGIT * max(b, 1))
-    cols = max(128, (cols // 128) * 128)
-    return max(1, min(cols, big))
-
-
-#: ``chunk_size`` for the whole block as one chunk: what the protocol asks for under
-#: ``torch.compile`` with several ranks, where ``B`` is a value the graph reads at run
-#: time and the number of chunks cannot be known while tracing (docs/design.md §9).
-WHOLE = 0
-
-
-def column_chunks(b: int, big, chunk_size: int | None, device) -> list[tuple]:
-    """The ``[c0, c1)`` column ranges of ``big`` columns: chunks of ``chunk_size`` (``None``:
-    :func:`auto_chunk_size`), or one for :data:`WHOLE`."""
-    if chunk_size == WHOLE:
-        return [(0, big)]
-    chunk = chunk_size or auto_chunk_size(b, big, device)
-    return [(c0, min(c0 + chunk, big)) for c0 in range(0, big, chunk)]
-
-
-def _buffer(buf: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A scratch tensor shaped like ``like``, reused across chunks (the last one is smaller)."""
-    if buf is None or buf.numel() < like.numel():
-        return torch.empty_like(like)
-    return buf.view(-1)[: like.numel()].view(like.shape)
-
-
-def _diag_slice(offset: int, b: int, c0: int, c1: int, device):
-    """Local rows whose positive column lies in ``[c0, c1)``, and those columns' positions."""
-    lo, hi = max(offset, c0), min(offset + b, c1)
-    if lo >= hi:
-        return None
-    rows = torch.arange(lo - offset, hi - offset, device=device)
-    return rows, rows + (offset - c0)
+from .chunked_targets import (
+    backward_with_targets,
+    forward_with_targets,
+    sigmoid_backward_with_targets,
+    sigmoid_forward_with_targets,
+)
+from .chunks import add_products, column_chunks, diag_slice, reuse_buffer, without_positives
 
 
 class ChunkedKernels:
     name = "chunked"
 
-    def forward(self, u, v, scale, offset, precision, chunk_size) -> ForwardStats:
+    def forward(self, u, v, scale, offset, precision, chunk_size, targets=None) -> ForwardStats:
         b, big = u.shape[0], v.shape[0]
         stats = ForwardStats.empty(big, u.device)  # column partials are filled in below
+        if targets is not None:
+            return forward_with_targets(u, v, scale, offset, precision, chunk_size, targets)
         if b == 0:
             return stats
         col_max, col_neg = stats.col_max, stats.col_neg
@@ -78,23 +41,25 @@ class ChunkedKernels:
         scratch = None
         for c0, c1 in column_chunks(b, big, chunk_size, u.device):
             s = mm(uq, cast_operand(v[c0:c1], precision).T, precision).mul_(scale)
-            scratch = _buffer(scratch, s)
-            where = _diag_slice(offset, b, c0, c1, u.device)
+            scratch = reuse_buffer(scratch, s)
+            where = diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
                 diag[where[0]] = s[where[0], where[1]]
             # Columns: complete over the local rows within this one chunk.
             cmax = s.amax(0)
             col_max[c0:c1] = cmax
-            col_neg[c0:c1] = _negatives(torch.sub(s, cmax, out=scratch).exp_(), where).sum(0)
+            col_neg[c0:c1] = without_positives(torch.sub(s, cmax, out=scratch).exp_(), where).sum(0)
             # Rows: online rescaling across chunks.
             new_max = torch.maximum(row_max, s.amax(1))
-            e = _negatives(torch.sub(s, new_max[:, None], out=scratch).exp_(), where)
+            e = without_positives(torch.sub(s, new_max[:, None], out=scratch).exp_(), where)
             row_neg = row_neg * torch.exp(row_max - new_max) + e.sum(1)
             row_max = new_max
         return ForwardStats(row_max, row_neg, col_max, col_neg, diag)
 
     def backward(self, u, v, scale, offset, precision, chunk_size, terms: GradientTerms):
         b, big = u.shape[0], v.shape[0]
+        if terms.targets is not None:
+            return backward_with_targets(u, v, scale, offset, precision, chunk_size, terms)
         du, dv, dscale = zero_grads(u, v)
         if b == 0:
             return du, dv, dscale
@@ -106,9 +71,13 @@ class ChunkedKernels:
             vq = cast_operand(v[c0:c1], precision)
             # The same call and shapes as the forward, so S rounds as it did there.
             dot = mm(uq, vq.T, precision)
-            g, scratch, tmp = _buffer(g, dot), _buffer(scratch, dot), _buffer(tmp, dot)
+            g, scratch, tmp = (
+                reuse_buffer(g, dot),
+                reuse_buffer(scratch, dot),
+                reuse_buffer(tmp, dot),
+            )
             s = torch.mul(dot, scale, out=g)
-            where = _diag_slice(offset, b, c0, c1, u.device)
+            where = diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
                 s[where[0], where[1]] = terms.diag[where[0]]
             p_col = torch.sub(s, terms.col_shift[None, c0:c1], out=scratch).exp_()
@@ -117,17 +86,23 @@ class ChunkedKernels:
             # Each similarity against its row's and its column's positive (base.py): at a
             # peaked softmax the terms share a sign, where sum(G * dot) would cancel.
             row_terms = torch.sub(dot, row_dot, out=tmp).mul_(p_row)
-            dscale += _negatives(row_terms, where).sum()
+            dscale += without_positives(row_terms, where).sum()
             col_terms = dot.sub_(terms.pair_dot[None, c0:c1]).mul_(p_col)
-            dscale += _negatives(col_terms, where).sum()
+            dscale += without_positives(col_terms, where).sum()
             del dot, col_terms  # in tf32/bf16 modes the rounded gradient takes this memory
             g = p_row.add_(p_col)
             if where is not None:
                 g[where[0], where[1]] -= terms.pos_weight[where[0]]
-            _add_products(du, dv[c0:c1], cast_operand(g, precision), uq, vq, precision)
+            add_products(du, dv[c0:c1], cast_operand(g, precision), uq, vq, precision)
         return du.mul_(scale), dv.mul_(scale), dscale
 
-    def sigmoid_forward(self, u, v, scale, bias, offset, precision, chunk_size) -> SigmoidStats:
+    def sigmoid_forward(
+        self, u, v, scale, bias, offset, precision, chunk_size, targets=None
+    ) -> SigmoidStats:
+        if targets is not None:
+            return sigmoid_forward_with_targets(
+                u, v, scale, bias, offset, precision, chunk_size, targets
+            )
         b, big = u.shape[0], v.shape[0]
         stats = SigmoidStats.empty(big, u.device)
         if b == 0:
@@ -145,7 +120,7 @@ class ChunkedKernels:
             # fl(scale * max(dot)) == max(fl(scale * dot)), bit for bit.
             torch.amax(dot, 0, out=col_max[c0:c1])
             torch.maximum(row_max, dot.amax(1), out=row_max)
-            where = _diag_slice(offset, b, c0, c1, u.device)
+            where = diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
                 diag[where[0]] = dot[where[0], where[1]]
             x = torch.addcmul(bias, dot, scale, out=dot)  # S + bias: dot is not needed again
@@ -157,7 +132,13 @@ class ChunkedKernels:
         pos = F.softplus(-(diag + bias)).sum()  # a positive's term: softplus(-(S + bias))
         return SigmoidStats(pos, neg, row_max.mul_(scale), col_max.mul_(scale), diag)
 
-    def sigmoid_backward(self, u, v, scale, bias, offset, precision, chunk_size, row_weight):
+    def sigmoid_backward(
+        self, u, v, scale, bias, offset, precision, chunk_size, row_weight, targets=None
+    ):
+        if targets is not None:
+            return sigmoid_backward_with_targets(
+                u, v, scale, bias, offset, precision, chunk_size, row_weight, targets
+            )
         b, big = u.shape[0], v.shape[0]
         du, dv, dscale = zero_grads(u, v)
         dbias = dscale.clone()
@@ -181,9 +162,9 @@ class ChunkedKernels:
                     torch.mm(uq, vq.T, out=dot)
             else:
                 dot = mm(uq, vq.T, precision)
-            g = _buffer(g, dot)
+            g = reuse_buffer(g, dot)
             x = torch.addcmul(bias, dot, scale, out=g)  # S + bias
-            where = _diag_slice(offset, b, c0, c1, u.device)
+            where = diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
                 # A positive's G = -sigmoid(-x) is added after the loop, from its product
                 # saved here: sigmoid(x) - 1 would cancel where sigmoid(x) ~ 1.
@@ -192,7 +173,7 @@ class ChunkedKernels:
             g = x.sigmoid_().mul_(weight)  # G on the negatives: w_i sigmoid(x)
             dscale += torch.mul(g, dot, out=dot).sum()  # dot is not needed again
             dbias += g.sum()
-            _add_products(du, dv[c0:c1], cast_operand(g, precision), uq, vq, precision)
+            add_products(du, dv[c0:c1], cast_operand(g, precision), uq, vq, precision)
         # The positives (row i, column offset + i): G = -w_i sigmoid(-x), x = S + bias.
         g_pos = torch.sigmoid(-torch.addcmul(bias, diag, scale)).mul_(row_weight).neg_()
         rows = slice(offset, offset + b)
@@ -201,22 +182,3 @@ class ChunkedKernels:
         dscale += torch.dot(g_pos, diag)
         dbias += g_pos.sum()
         return du.mul_(scale), dv.mul_(scale), dscale, dbias
-
-
-def _add_products(du, dv_chunk, gq, uq, vq, precision: str) -> None:
-    """``du += gq @ vq`` and ``dv_chunk = gq^T @ uq``, in place for fp32 operands (no
-    ``b x D`` temporary per chunk)."""
-    if gq.dtype == torch.float32:
-        with fp32_matmul_mode(precision, uq.device):
-            du.addmm_(gq, vq)
-            torch.mm(gq.T, uq, out=dv_chunk)
-    else:
-        du += mm(gq, vq, precision)
-        dv_chunk.copy_(mm(gq.T, uq, precision))
-
-
-def _negatives(e: torch.Tensor, where) -> torch.Tensor:
-    """``e`` with the positives of the chunk (``where``, from :func:`_diag_slice`) zeroed."""
-    if where is not None:
-        e[where[0], where[1]] = 0.0
-    return e

@@ -245,7 +245,8 @@ class FusedKernels:
             _operand(u, precision), _operand(v, precision), _f32(scale), offset, precision, plan
         )
 
-    def forward(self, u, v, scale, offset, precision, chunk_size) -> ForwardStats:
+    def forward(self, u, v, scale, offset, precision, chunk_size, targets=None) -> ForwardStats:
+        _no_labels(targets)
         block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
             return ForwardStats.empty(v.shape[0], u.device)
@@ -254,6 +255,7 @@ class FusedKernels:
         return ForwardStats(*forward_stats(block))
 
     def backward(self, u, v, scale, offset, precision, chunk_size, terms: GradientTerms):
+        _no_labels(terms.targets)
         block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
             return zero_grads(u, v)
@@ -261,7 +263,10 @@ class FusedKernels:
 
         return backward_grads(block, terms.to_f32())
 
-    def sigmoid_forward(self, u, v, scale, bias, offset, precision, chunk_size) -> SigmoidStats:
+    def sigmoid_forward(
+        self, u, v, scale, bias, offset, precision, chunk_size, targets=None
+    ) -> SigmoidStats:
+        _no_labels(targets)
         block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
             return SigmoidStats.empty(v.shape[0], u.device)
@@ -269,7 +274,10 @@ class FusedKernels:
 
         return SigmoidStats(*sigmoid_forward_stats(block, _f32(bias)))
 
-    def sigmoid_backward(self, u, v, scale, bias, offset, precision, chunk_size, row_weight):
+    def sigmoid_backward(
+        self, u, v, scale, bias, offset, precision, chunk_size, row_weight, targets=None
+    ):
+        _no_labels(targets)
         block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
             du, dv, dscale = zero_grads(u, v)
@@ -277,3 +285,9 @@ class FusedKernels:
         from ._triton_backward import sigmoid_backward_grads
 
         return sigmoid_backward_grads(block, _f32(bias), _f32(row_weight))
+
+
+def _no_labels(targets) -> None:
+    """The fused kernels compare no labels yet (``palmtree.call`` refuses them before)."""
+    if targets is not None:
+        raise NotImplementedError("the fused kernels do not take labels yet; use 'chunked'")
