@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..distributed import ClipLossInputError
-from .features import Layout, concatenate, exchange_shapes, features_of, slices
+from .features import Layout, concatenate, exchange_shapes, features_of, negatives_of, slices
 from .loss_step import LossStep, module_of
 from .ranks import Failure, Ranks
 from .replay import Replay
@@ -29,15 +29,18 @@ from .towers import TowerGradients, warn_batch_norm
 __all__ = ["accumulate"]
 
 
-def accumulate(encode: Callable, loss_fn: Callable, micro_batches: Sequence[tuple], *, group=None):
+def accumulate(
+    encode: Callable, loss_fn: Callable, micro_batches: Sequence[tuple], *, labels=None, group=None
+):
     """One optimiser step's gradients for the loss over every micro-batch of every rank.
 
     Args:
-        encode: ``encode(*micro_batch)`` returns ``(image_features, text_features)`` or
-            ``(image_features, text_features, text_mask)`` for one micro-batch; typically
-            a DDP-wrapped two-tower model. With several ranks, a module (or a bound method
-            of one) on every rank.
-        loss_fn: ``loss_fn(image_features, text_features[, text_mask])`` returns either a
+        encode: ``encode(*micro_batch)`` returns ``(image_features, text_features[,
+            text_mask])`` for one micro-batch, or ``(image, text, text_mask or None,
+            text_negatives)``; typically a DDP-wrapped two-tower model. With several
+            ranks, a module (or a bound method of one) on every rank.
+        loss_fn: ``loss_fn(image_features, text_features[, text_mask])`` (with
+            ``text_negatives=``, ``labels=`` when there are any) returns either a
             palmtree output record (``ClipLoss``/``SigLipLoss`` over the same ``group``) or
             a floating scalar tensor: this rank's value to backpropagate
             (``palmtree.compat.open_clip.ClipLoss``'s, or any loss of your own).
@@ -45,6 +48,8 @@ def accumulate(encode: Callable, loss_fn: Callable, micro_batches: Sequence[tupl
             may differ; ranks may hold different numbers of them, none included (such a
             rank still calls ``accumulate``), unless a DDP wrapper is about to broadcast
             its buffers (then every rank needs the same number; docs/accumulate.md).
+        labels: one ``[b_k]`` integer tensor per micro-batch (:func:`palmtree.clip_loss`'s
+            ``labels``), joined in order; ``[]`` on a rank without micro-batches.
         group: the process group of the loss (default: the default group).
 
     Returns:
@@ -74,9 +79,10 @@ def accumulate(encode: Callable, loss_fn: Callable, micro_batches: Sequence[tupl
         ranks.agree_at_entry(len(micro_batches), entry)
     elif entry is not None and ranks.size == 1:
         raise ClipLossInputError(entry)
+    entry = entry or _labels_error(labels, micro_batches)
     saved = Saved(tower, module_of(loss_fn))
     try:
-        return _accumulate(encode, loss_fn, micro_batches, tower, saved, entry)
+        return _accumulate(encode, loss_fn, micro_batches, tower, saved, entry, labels)
     except BaseException:
         tower.put_back()
         saved.restore()
@@ -92,13 +98,29 @@ def _grad_mode_error() -> str | None:
     )
 
 
-def _accumulate(encode, loss_fn, micro_batches, tower, saved, entry):
+def _labels_error(labels, micro_batches) -> str | None:
+    if labels is None or len(labels) == len(micro_batches):
+        return None
+    return f"labels holds {len(labels)} tensors for {len(micro_batches)} micro-batches"
+
+
+def _all_labels(labels, layout) -> torch.Tensor | None:
+    """Every micro-batch's labels in order (an empty ``[0]`` for a rank without any)."""
+    if labels is None:
+        return None
+    if not len(labels):
+        return torch.empty(0, dtype=torch.long, device=layout.device)
+    return torch.cat([torch.as_tensor(y, device=layout.device) for y in labels])
+
+
+def _accumulate(encode, loss_fn, micro_batches, tower, saved, entry, labels):
     with saved.towers.watch(tower.inner):
         states, cached, failure = _first_pass(encode, micro_batches, entry)
     layout = exchange_shapes(cached, failure, tower.ranks)  # raises on every rank
     saved.towers.rewind()
     step = LossStep(loss_fn, tower.ranks)
-    failure = step.run(concatenate(cached, layout))
+    batch = concatenate(cached, layout)
+    failure = step.run(batch, negatives_of(cached, layout), _all_labels(labels, layout))
     after = rng_state()
     if failure is None:
         grads = step.feature_grads

@@ -15,7 +15,8 @@ from .ranks import Failure, Ranks
 @dataclass
 class Layout:
     """What every rank's features look like: the dims and dtypes of the two sides, the
-    device, whether texts are token latents (with a mask) and their longest length here."""
+    device, whether texts are token latents (with a mask) and their longest length here,
+    and whether micro-batches give extra negatives."""
 
     image_dim: int
     text_dim: int
@@ -24,18 +25,33 @@ class Layout:
     tokens: bool
     length: int
     device: torch.device
+    negatives: bool = False
 
 
 def features_of(out) -> tuple:
-    """``encode``'s output as a tuple of 2 or 3 tensors (mask as the third), or TypeError."""
-    if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
+    """``encode``'s output as a tuple of 2, 3 (the mask third) or 4 tensors (the mask, or
+    ``None``, third; the extra negatives fourth), or TypeError."""
+    if not isinstance(out, (tuple, list)) or len(out) not in (2, 3, 4):
         raise TypeError(
-            "encode must return (image_features, text_features) or (image_features, "
-            f"text_features, text_mask), got {type(out).__name__}"
+            "encode must return (image_features, text_features), (image_features, "
+            "text_features, text_mask) or (image_features, text_features, text_mask or "
+            f"None, text_negatives), got {type(out).__name__}"
         )
     if not all(isinstance(x, torch.Tensor) for x in out[:2]):
         raise TypeError("encode must return tensors as image_features and text_features")
+    if len(out) == 4 and not isinstance(out[3], torch.Tensor):
+        raise TypeError("encode must return a tensor [n, D] as text_negatives (the fourth)")
     return tuple(out)
+
+
+def negatives_of(cached, layout: Layout) -> torch.Tensor | None:
+    """This rank's extra negatives of every micro-batch, in order (``None``: none given;
+    ``[0, D]`` on a rank without micro-batches where the others give them)."""
+    if not layout.negatives:
+        return None
+    if not cached:
+        return torch.empty(0, layout.text_dim, dtype=layout.text_dtype, device=layout.device)
+    return torch.cat([c[3] for c in cached])
 
 
 def exchange_shapes(cached, failure: Failure | None, ranks: Ranks) -> Layout:
@@ -46,6 +62,7 @@ def exchange_shapes(cached, failure: Failure | None, ranks: Ranks) -> Layout:
     if cached and failure is None:
         img, txt = cached[0][:2]
         mine = (img.shape[-1], txt.shape[-1], img.dtype, txt.dtype, txt.dim() == 3, img.device)
+        mine += (len(cached[0]) == 4,)
         if any(
             (c[0].shape[-1], c[1].shape[-1], c[1].dim() == 3) != (mine[0], mine[1], mine[4])
             for c in cached
@@ -53,6 +70,8 @@ def exchange_shapes(cached, failure: Failure | None, ranks: Ranks) -> Layout:
             failure = Failure("micro-batches give features of different widths or forms")
         elif mine[4] and any(len(c) < 3 or c[2] is None for c in cached):
             failure = Failure("encode returned token latents [b, L, D] without a text_mask")
+        elif len({len(c) == 4 for c in cached}) > 1:
+            failure = Failure("some micro-batches gave text_negatives and others did not")
     entries = ranks.gather((mine, failure and failure.message))
     if any(e is not None for _, e in entries):
         cause = failure and failure.cause
@@ -63,7 +82,7 @@ def exchange_shapes(cached, failure: Failure | None, ranks: Ranks) -> Layout:
     dims = mine or shapes[0]
     length = max((c[1].shape[1] for c in cached), default=1) if dims[4] else 0
     device = mine[5] if mine else _default_device(dims[5])
-    return Layout(dims[0], dims[1], dims[2], dims[3], dims[4], length, device)
+    return Layout(dims[0], dims[1], dims[2], dims[3], dims[4], length, device, dims[6])
 
 
 def _default_device(other: torch.device) -> torch.device:
@@ -96,10 +115,14 @@ def _mask(c) -> torch.Tensor:
 
 
 def slices(feature_grads, cached, k: int, layout: Layout) -> tuple:
-    """Micro-batch ``k``'s rows of the cached gradients (its own token length)."""
+    """Micro-batch ``k``'s rows of the cached gradients (its own token length), and of the
+    negatives' gradient when it gave negatives."""
     start = sum(c[0].shape[0] for c in cached[:k])
     stop = start + cached[k][0].shape[0]
-    img, txt = (g[start:stop] for g in feature_grads)
+    img, txt = (g[start:stop] for g in feature_grads[:2])
     if layout.tokens:
         txt = txt[:, : cached[k][1].shape[1]]
-    return img, txt
+    if len(cached[k]) < 4:
+        return img, txt
+    first = sum(c[3].shape[0] for c in cached[:k])
+    return img, txt, feature_grads[2][first : first + cached[k][3].shape[0]]

@@ -73,20 +73,28 @@ class LossStep:
         self.params: list[torch.Tensor] = []
         self.grads: list[torch.Tensor | None] = []
 
-    def run(self, batch: list[torch.Tensor]) -> Failure | None:
+    def run(self, batch: list[torch.Tensor], negatives=None, labels=None) -> Failure | None:
         """The loss and its gradients, or this rank's failure. The loss's own input errors
-        (:class:`ClipLossInputError`, raised on every rank by palmtree's losses) propagate."""
+        (:class:`ClipLossInputError`, raised on every rank by palmtree's losses) propagate.
+        ``negatives`` and ``labels`` reach ``loss_fn`` as ``text_negatives=`` and
+        ``labels=`` when given; the negatives' gradient follows the features'."""
         leaves = [x.detach().requires_grad_() if x.is_floating_point() else x for x in batch]
+        kwargs, differentiable = {}, leaves[:2]
+        if negatives is not None:
+            kwargs["text_negatives"] = negatives.detach().requires_grad_()
+            differentiable = [*differentiable, kwargs["text_negatives"]]
+        if labels is not None:
+            kwargs["labels"] = labels
         try:
-            self.out = self.loss_fn(*leaves)
+            self.out = self.loss_fn(*leaves, **kwargs)
             self.value = loss_value(self.out)
-            grads = self._backward(leaves[:2])
+            grads = self._backward(differentiable)
         except ClipLossInputError:
             raise
         except Exception as exc:  # reported on every rank once the second pass is over
             return Failure(f"loss_fn failed: {type(exc).__name__}: {exc}", exc)
         # A side the loss did not use sends its micro-batches a zero gradient.
-        pairs = zip(leaves[:2], grads, strict=True)
+        pairs = zip(differentiable, grads, strict=True)
         self.feature_grads = tuple(torch.zeros_like(f) if g is None else g for f, g in pairs)
         return None
 

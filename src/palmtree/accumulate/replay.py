@@ -71,13 +71,18 @@ class Replay:
         if len(new) != len(old):
             return f"{where} returned {len(new)} tensors, the first pass {len(old)}"
         for name, a, b in zip(_NAMES, new, old, strict=False):
+            if a is None and b is None:  # no mask beside pooled texts and negatives
+                continue
             if not isinstance(a, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
                 got = f"{a.dtype} {tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a)
                 return f"{where} gave {name} {got}, the first pass {b.dtype} {tuple(b.shape)}"
-        if len(new) == 3:
+        if len(new) >= 3 and new[2] is not None:
             self.pending.append((k, _NAMES[2], 0.0, 0.0, (new[2] != old[2]).any().float()))
-        mask = old[2] if len(old) == 3 and old[1].dim() == 3 else None
-        for name, a, b, m in zip(_NAMES[:2], new[:2], old[:2], (None, mask), strict=True):
+        mask = old[2] if len(old) >= 3 and old[1].dim() == 3 else None
+        named = [(_NAMES[0], new[0], old[0], None), (_NAMES[1], new[1], old[1], mask)]
+        if len(new) == 4:
+            named.append((_NAMES[3], new[3], old[3], None))
+        for name, a, b, m in named:
             quiet, error = thresholds(b.dtype, b.shape[-1])
             self.pending.append((k, name, quiet, error, distance(a, b, m)))
         return None
@@ -115,7 +120,7 @@ class Replay:
         return None
 
 
-_NAMES = ("image features", "text features", "text mask")
+_NAMES = ("image features", "text features", "text mask", "text negatives")
 _TINY = torch.finfo(torch.float32).tiny
 
 

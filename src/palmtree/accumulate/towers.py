@@ -55,7 +55,8 @@ class TowerGradients:
 
     def add(self, features, grads) -> None:
         """Backpropagates one micro-batch's slice of the cached gradients."""
-        pairs = [(f, g) for f, g in zip(features[:2], grads, strict=False) if f.requires_grad]
+        outputs = (*features[:2], *features[3:])  # the mask has no gradient
+        pairs = [(f, g) for f, g in zip(outputs, grads, strict=True) if f.requires_grad]
         if not pairs:
             return
         outputs, upstream = [f for f, _ in pairs], [g for _, g in pairs]
