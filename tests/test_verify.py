@@ -3,8 +3,10 @@
 The failure paths are driven by the command's hidden ``--inject-fault KIND:RANK``: a
 rank that raises, one that hangs (the timeout must end the run and name the ranks),
 one whose gradient is wrong and one whose gradient is NaN (the comparison must catch
-them on any rank). The pass rules themselves are checked on ``palmtree.testing``'s
-truth: a result just inside its bound passes, one just outside fails.
+them on any rank), and for the rows with global targets one whose labels are its own,
+one that drops its negatives and one whose negatives' gradient is wrong. The pass rules
+themselves are checked on ``palmtree.testing``'s truth: a result just inside its bound
+passes, one just outside fails.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import pytest
 import torch
 
 from palmtree import cli, testing, verify
-from palmtree.verify import checks, rules, spawn
-from palmtree.verify.options import DEFAULT_SCALES
+from palmtree.verify import checks, rules, spawn, targets
+from palmtree.verify.options import DEFAULT_SCALES, TARGETS
 
 SMALL = ["--batch", "47", "--dim", "16"]
 
@@ -30,6 +32,24 @@ def run(capsys, *args):
     code = verify.main([*SMALL, *args])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def _key(r):
+    return r["loss"], r["backend"], r["precision"], r["logit_scale"], r["logit_bias"], r["targets"]
+
+
+def _table_rows(out: str) -> list[dict]:
+    """The text report's rows, each a dict by its table's header."""
+    rows, header = [], None
+    for line in out.splitlines():
+        cells = line.split()
+        if cells[:1] == ["backend"]:
+            header = cells
+        elif header and cells and cells[0] in ("reference", "chunked", "fused"):
+            rows.append(dict(zip(header, cells, strict=True)))
+        else:
+            header = None
+    return rows
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
@@ -48,34 +68,50 @@ def test_three_ranks_pass_and_report_json(capsys):
     report = json.loads(out)
     assert code == 0 and report["ok"] and report["error"] is None
     assert report["world_size"] == 3 and report["sizes"][1] == 0 and sum(report["sizes"]) == 47
+    # The negatives: B // 4 of them, a different count on every rank, none on rank 0, some
+    # on rank 1 (which holds no pairs).
+    assert report["negative_sizes"] == [0, 4, 7] and report["skipped"] == []
     rows = report["rows"]
-    combos = {
-        (r["loss"], r["backend"], r["precision"], r["logit_scale"], r["logit_bias"]) for r in rows
-    }
+    combos = {_key(r) for r in rows}
     backends, precisions = ("reference", "chunked"), ("ieee", "tf32", "bf16")
-    clip = {("clip", b, p, s, None) for b in backends for p in precisions for s in DEFAULT_SCALES}
+    clip = {
+        ("clip", b, p, s, None, None) for b in backends for p in precisions for s in DEFAULT_SCALES
+    }
     top = max(DEFAULT_SCALES)
     siglip = {
-        ("siglip", b, p, top, bias) for b in backends for p in precisions for bias in (-10, 10)
+        ("siglip", b, p, top, bias, None)
+        for b in backends
+        for p in precisions
+        for bias in (-10, 10)
     }
-    assert combos == clip | siglip and len(rows) == len(combos)
+    targeted = {
+        (loss, b, p, top, bias, t)
+        for loss, bias in (("clip", None), ("siglip", -10))
+        for b in backends
+        for p in precisions
+        for t in TARGETS
+    }
+    assert combos == clip | siglip | targeted and len(rows) == len(combos) == 60
     for r in rows:
         assert r["passed"] and 0 <= r["worst"] <= 1, r
-        assert set(r["errors"]) == set(rules.QUANTITIES[r["loss"]])
+        assert set(r["errors"]) == set(rules.quantities(r["loss"], r["targets"]))
+        assert ("d_neg" in r["errors"]) is (r["targets"] is not None)
         for q in r["errors"]:
             assert 0 <= r["errors"][q] <= r["tolerances"][q], (r, q)
     # Tolerances follow what the precision achieves: bf16 looser than ieee. The loss's
     # bound is relative to it and derived from the computation: no fixed allowance.
-    by = {
-        (r["loss"], r["backend"], r["precision"], r["logit_scale"], r["logit_bias"]): r
-        for r in rows
-    }
-    for loss, scale, bias in [("clip", s, None) for s in DEFAULT_SCALES] + [("siglip", top, -10)]:
+    by = {_key(r): r for r in rows}
+    cases = [("clip", s, None, None) for s in DEFAULT_SCALES] + [("siglip", top, -10, None)]
+    cases += [
+        (loss, top, bias, t) for loss, bias in (("clip", None), ("siglip", -10)) for t in TARGETS
+    ]
+    for loss, scale, bias, t in cases:
         ieee, bf16 = (
-            by[loss, "chunked", "ieee", scale, bias],
-            by[loss, "chunked", "bf16", scale, bias],
+            by[loss, "chunked", "ieee", scale, bias, t],
+            by[loss, "chunked", "bf16", scale, bias, t],
         )
-        assert ieee["tolerances"]["d_image"] < 1e-4 < bf16["tolerances"]["d_image"]
+        for q in ("d_image", "d_neg") if t else ("d_image",):
+            assert ieee["tolerances"][q] < 1e-4 < bf16["tolerances"][q], (loss, t, q)
         assert ieee["tolerances"]["loss"] < 1e-3
 
 
@@ -84,25 +120,30 @@ def test_table_and_a_wrong_or_nan_gradient_on_one_rank_fails(capsys):
     code, out, _ = run(capsys, *args)
     assert code == 0, out
     assert "global batch 47 split [18, 29]" in out
+    assert "labels i % 3, 11 negatives split [0, 11]" in out
     assert "CLIP (softmax)" in out and "SigLIP (sigmoid)" in out
-    assert out.count("PASS") == 12 and "12 of 12 rows passed." in out
+    assert "CLIP (softmax), same-item labels and extra negatives" in out
+    assert "SigLIP (sigmoid), same-item labels and extra negatives" in out
+    # 12 rows without targets, 2 losses x 2 precisions x 2 backends x 3 targets with them.
+    assert out.count("PASS") == 36 and "36 of 36 rows passed." in out
     assert "docs/design.md" in out  # what "exact" means, and where it is explained
+    rows = _table_rows(out)
+    assert len(rows) == 36 and sum("d_neg" in r for r in rows) == 24
+    assert {r.get("targets") for r in rows} == {None, *TARGETS}
 
     code, out, _ = run(capsys, *args, "--inject-fault", "wrong:1")
     assert code == 1
-    assert out.count("FAIL") == 12 and "0 of 12 rows passed." in out
+    assert out.count("FAIL") == 36 and "0 of 36 rows passed." in out
 
     # A NaN on one rank (here the temperature's gradient) fails every row it reaches.
     code, out, _ = run(capsys, *args, "--inject-fault", "nan:0")
     assert code == 1
-    assert out.count("FAIL") == 12 and "0 of 12 rows passed." in out
-    rows = [
-        line.split() for line in out.splitlines() if line.startswith(("reference ", "chunked "))
-    ]
-    assert len(rows) == 12
+    assert out.count("FAIL") == 36 and "0 of 36 rows passed." in out
+    rows = _table_rows(out)
+    assert len(rows) == 36
     for cells in rows:
-        d_scale = cells.index("FAIL") - (3 if len(cells) == 11 else 2)  # SigLIP: d_bias next
-        assert cells[d_scale] == "nan/inf" and cells[-2:] == ["-", "FAIL"], cells
+        assert cells["d_scale"] == "nan/inf" and cells["worst"] == "-", cells
+        assert cells["result"] == "FAIL", cells
 
 
 def test_dim_one_passes_on_three_ranks(capsys):
@@ -113,23 +154,31 @@ def test_dim_one_passes_on_three_ranks(capsys):
     report = json.loads(out)
     failed = [r for r in report["rows"] if not r["passed"]]
     assert code == 0 and report["ok"] and not failed, failed
-    assert len(report["rows"]) == 24
+    assert len(report["rows"]) == 60  # 24 without targets, 36 with them
 
 
-def test_losses_selects_the_rows(capsys):
+def test_losses_and_targets_select_the_rows(capsys):
     code, out, _ = run(
         capsys, "--nproc", "1", "--json", "--losses", "siglip", "--precisions", "ieee"
     )
     rows = json.loads(out)["rows"]
-    assert code == 0 and [(r["loss"], r["logit_bias"]) for r in rows] == [
-        ("siglip", -10.0),
-        ("siglip", -10.0),
-        ("siglip", 10.0),
-        ("siglip", 10.0),
+    assert code == 0 and [(r["loss"], r["logit_bias"], r["targets"]) for r in rows] == [
+        ("siglip", -10.0, None),
+        ("siglip", -10.0, None),
+        ("siglip", 10.0, None),
+        ("siglip", 10.0, None),
+        *[("siglip", -10.0, t) for t in TARGETS for _ in ("reference", "chunked")],
     ]
-    code, out, _ = run(capsys, "--nproc", "1", "--json", "--losses", "clip", "--scales", "5,20")
+    args = ["--losses", "clip", "--scales", "5,20", "--targets", "negatives"]
+    code, out, _ = run(capsys, "--nproc", "1", "--json", *args)
     rows = json.loads(out)["rows"]
-    assert code == 0 and {r["loss"] for r in rows} == {"clip"} and len(rows) == 2 * 3 * 2
+    assert code == 0 and {r["loss"] for r in rows} == {"clip"} and len(rows) == 2 * 3 * 2 + 2 * 3
+    assert {(r["logit_scale"], r["targets"]) for r in rows[12:]} == {(20.0, "negatives")}
+    # --targets none: the rows without targets alone.
+    opts = verify.options.parse_args(["--targets", "none", "--scales", "5,20"])
+    assert [(c.loss, c.targets) for c in checks.cases(opts)] == [("clip", None)] * 2 + [
+        ("siglip", None)
+    ] * 2
 
 
 # ----------------------------------------------------------------------------- the rules
@@ -223,7 +272,79 @@ def test_the_truth_is_testings():
     truth = checks.Truth.compute(case, "ieee", img, txt, [12, 18])
     ref = testing.clip_truth(img, txt, case.log_scale, sizes=[12, 18])
     assert torch.equal(truth.exact.shares, ref.shares) and truth.exact.loss_bound == ref.loss_bound
-    assert [c.loss for c in checks.cases(opts)] == ["clip", "clip", "siglip", "siglip"]
+    assert [c.loss for c in checks.cases(opts)] == ["clip", "clip", "siglip", "siglip"] + [
+        "clip"
+    ] * 3 + ["siglip"] * 3
+
+
+def test_the_targets_truth_is_testings():
+    """The rows with targets: labels ``i % 3`` and the negatives, through testing's truth;
+    the negatives' gradient bounded as the features' are."""
+    opts = verify.options.Options(batch=30, dim=8, seed=5, precisions=("ieee",))
+    img, txt = testing.make_pairs(30, 8, 5, noise=checks.NOISE)
+    extras = targets.Extras.make(opts, 2, txt, checks.NOISE)
+    assert extras.labels.tolist() == [i % 3 for i in range(30)]
+    assert extras.negative_sizes == [0, 7] and extras.negatives.shape == (7, 8)
+    by = {(c.loss, c.targets): c for c in checks.cases(opts)}
+    for t, mode in (("positive", "positive"), ("ignore", "ignore"), ("negatives", None)):
+        case = by["clip", t]
+        truth = checks.Truth.compute(case, "ieee", img, txt, [12, 18], extras)
+        kw = {} if mode is None else dict(labels=extras.labels, same_label=mode)
+        ref = testing.clip_truth(
+            img, txt, case.log_scale, sizes=[12, 18], negatives=extras.negatives, **kw
+        )
+        assert torch.equal(truth.exact.shares, ref.shares) and torch.equal(
+            truth.exact.d_neg, ref.d_neg
+        )
+        assert set(truth.bounds) == {"d_img", "d_txt", "d_neg"} and truth.bounds["d_neg"] > 0
+    # One rank's share of the targets: its pairs' labels, its negatives as a leaf.
+    mine = extras.for_rank("ignore", 1, [12, 18], None)
+    assert mine.kwargs["labels"].tolist() == [i % 3 for i in range(12, 30)]
+    assert mine.kwargs["same_label"] == "ignore" and mine.kwargs["text_negatives"] is mine.negatives
+    assert mine.negatives.requires_grad and mine.span == slice(0, 7)
+    assert "labels" not in extras.for_rank("negatives", 1, [12, 18], None).kwargs
+    assert not targets.takes("fused", "positive") and targets.takes("fused", "negatives")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_negatives_split_unevenly_with_none_on_rank_0(n):
+    for big in (1, 47, 389):
+        sizes = targets.negative_sizes(big, n)
+        assert sum(sizes) == max(1, big // 4) and len(sizes) == n
+        if n >= 2:
+            assert sizes[0] == 0
+        if big == 389 or (big == 47 and n <= 3):  # enough negatives for shares to differ
+            nonempty = [s for s in sizes if s]
+            assert len(set(nonempty)) == len(nonempty) == n - (n >= 2)
+
+
+def test_a_truth_without_the_labels_fails_the_labels_rows(monkeypatch):
+    """Sabotage the truth instead of the ranks (one process, in this one): a truth that
+    drops the labels fails the labels rows; one with the negatives in another order (the
+    same loss, their gradients on other rows) every row with them; the rows they do not
+    touch still pass."""
+    opts = verify.options.Options(batch=47, dim=16, precisions=("ieee",), scales=(99.0,))
+    opts.losses = ("clip",)
+    honest = targets.Extras.truth_kwargs
+
+    def passed(sabotage):
+        monkeypatch.setattr(targets.Extras, "truth_kwargs", sabotage)
+        rows = checks.run_checks(0, 1, torch.device("cpu"), opts)
+        return {(r.backend, r.targets): r.passed for r in rows}
+
+    def no_labels(self, t):
+        return {"negatives": self.negatives} if t else {}
+
+    def shuffled_negatives(self, t):
+        return {**honest(self, t), "negatives": self.negatives.flip(0)} if t else {}
+
+    assert all(passed(honest).values())
+    for sabotage, failing in (
+        (no_labels, {"positive", "ignore"}),
+        (shuffled_negatives, set(TARGETS)),
+    ):
+        for (backend, t), ok in passed(sabotage).items():
+            assert ok is (t not in failing), (sabotage.__name__, backend, t)
 
 
 # ----------------------------------------------------------------------------- failures
@@ -234,6 +355,69 @@ def test_a_rank_that_raises_is_named(capsys):
     report = json.loads(out)
     assert code == 1 and not report["ok"] and report["rows"] == []
     assert report["error"].startswith("rank 1 failed: RuntimeError: injected fault"), report
+
+
+@pytest.mark.parametrize(
+    "fault, failing, columns",
+    [
+        # Rank 1's pairs get labels of their own: the labels rows fail (under "positive"
+        # the negatives' gradient is untouched: no entry leaves a softmax), not the others.
+        ("labels:1", {"positive", "ignore"}, {"loss", "d_image", "d_text", "d_scale"}),
+        # Rank 1 holds all the negatives and passes none of them.
+        ("negatives:1", set(TARGETS), {"loss", "d_image", "d_text", "d_neg", "d_scale"}),
+        # Rank 2 of 3 (rank 1 holds no pairs but negatives): a wrong gradient of its
+        # negatives, and nothing else.
+        ("d_neg:2", set(TARGETS), {"d_neg"}),
+    ],
+)
+def test_a_wrong_label_or_negative_on_one_rank_fails_its_rows(capsys, fault, failing, columns):
+    n = "3" if fault == "d_neg:2" else "2"
+    args = ["--nproc", n, "--json", "--losses", "clip", "--precisions", "ieee", "--scales", "99"]
+    code, out, _ = run(capsys, *args, "--inject-fault", fault)
+    rows = json.loads(out)["rows"]
+    assert code == 1 and len(rows) == 2 + 2 * 3
+    for r in rows:
+        assert r["passed"] is (r["targets"] not in failing), (fault, r)
+        if not r["passed"]:
+            wrong = {q for q, e in r["errors"].items() if e is None or e > r["tolerances"][q]}
+            assert wrong == columns or (fault.startswith("labels") and wrong >= columns), r
+
+
+def test_fused_labels_rows_are_reported_as_skipped():
+    from palmtree.verify.report import render, skipped
+
+    def row(backend, t):
+        r = rules.Row(backend, "ieee", 99.0, "clip", None, t)
+        names = rules.quantities("clip", t)
+        return dataclasses.asdict(rules.judge(r, [0.1, 1e-7, 1e-6] * len(names)))
+
+    rows = [row(b, t) for b in ("chunked", "fused") for t in (None, "negatives")]
+    rows += [row("chunked", t) for t in ("positive", "ignore")]
+    note = "fused's positive and ignore rows: its kernels take no labels yet"
+    assert skipped(rows, TARGETS)[0].startswith(note)
+    text = render(rows, "header", TARGETS)
+    assert f"\nskipped: {note}" in text and "6 of 6 rows passed." in text
+    assert skipped(rows, ("negatives",)) == [] and skipped(rows[:2] + rows[4:], TARGETS) == []
+
+
+@pytest.mark.slow
+def test_fused_runs_the_negatives_rows_in_the_interpreter(capsys, monkeypatch):
+    """Fused takes the extra negatives (not labels): its negatives row is checked, and
+    the report says which rows it skipped. Here in Triton's interpreter (conftest)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = ["--nproc", "2", "--json", "--backends", "fused", "--losses", "clip"]
+    code = verify.main([*args, "--batch", "20", "--dim", "8", "--precisions", "ieee"])
+    report = json.loads(capsys.readouterr().out)
+    rows = [(r["backend"], r["logit_scale"], r["targets"], r["passed"]) for r in report["rows"]]
+    top = max(DEFAULT_SCALES)
+    assert code == 0 and rows == [
+        *[("fused", s, None, True) for s in DEFAULT_SCALES],
+        ("fused", top, "negatives", True),
+    ]
+    assert report["skipped"] == [
+        "fused's positive and ignore rows: its kernels take no labels yet (backend='auto' "
+        "runs chunked for labels)"
+    ]
 
 
 @pytest.mark.slow
@@ -251,6 +435,10 @@ def test_usage_errors(capsys, monkeypatch):
     assert verify.main(["--losses", "clip,triplet"]) == 2
     assert "losses must be a comma-separated subset of clip,siglip" in capsys.readouterr().err
     assert verify.main(["--scales", "0"]) == 2
+    assert verify.main(["--targets", "positive,hard"]) == 2
+    assert "targets must be none or a comma-separated subset of positive,ignore,negatives" in (
+        capsys.readouterr().err
+    )
     # 1e-46 is 0 in float32: the rows compared only rounding and passed with a NaN
     # d_scale, or with 100 % errors.
     for bad in ("1e-46", "nan", "inf", "101"):
@@ -266,7 +454,7 @@ def test_usage_errors(capsys, monkeypatch):
     assert "backend 'fused' cannot run here" in capsys.readouterr().err
     assert cli.main(["verify", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--nproc" in help_text and "--losses" in help_text
+    assert "--nproc" in help_text and "--losses" in help_text and "--targets" in help_text
     assert "Exact means (docs/design.md, section 8)" in help_text
 
 
@@ -295,4 +483,5 @@ def test_under_torchrun_uses_the_launched_world():
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["ok"] and report["world_size"] == 2 and "launched" in report["where"]
-    assert len(report["rows"]) == 2 * (len(DEFAULT_SCALES) + 2)  # CLIP's scales, SigLIP's biases
+    # CLIP's scales and SigLIP's biases, then each loss's rows with targets.
+    assert len(report["rows"]) == 2 * (len(DEFAULT_SCALES) + 2) + 2 * 2 * len(TARGETS)

@@ -10,7 +10,12 @@ unnormalised pairs) and takes its slice of an uneven split (rank 1 holds nothing
 there are 3 or more ranks). For each loss (CLIP at every temperature; SigLIP at the
 largest, with bias -10 and +10), backend and matmul precision, the ranks run the loss
 and its backward, and compare with :mod:`palmtree.testing`'s float64 truth of one
-process on the whole batch, under its rules (:mod:`.rules`, docs/design.md §8):
+process on the whole batch, under its rules (:mod:`.rules`, docs/design.md §8). Each
+loss then runs again at the largest temperature (SigLIP: bias -10) with global targets
+(:mod:`.targets`, docs/design.md §10): same-item labels ``i % 3`` under
+``same_label="positive"`` and ``"ignore"``, each with extra text negatives split
+unevenly over the ranks (none on rank 0), and the negatives alone (``fused`` takes no
+labels yet and runs only that one). Each row compares:
 
 * ``loss``: each rank's returned value (``N * share_r``), ``loss_global`` (and SigLIP's
   ``loss_pos``, ``loss_neg``), and ``d_scale``, ``d_bias``: the temperature's and the
@@ -23,6 +28,8 @@ process on the whole batch, under its rules (:mod:`.rules`, docs/design.md §8):
   ``--batch`` (tens of thousands on a GPU): the gradient tensors have no bound derived
   from the computation, and a plain computation is what defines "as exact as fp32" for
   them.
+* ``d_neg`` (the rows with targets): each rank's gradient of its negatives, as the
+  feature gradients are.
 
 Exit status: 0 when every row passes, 1 on a failed row (a NaN anywhere fails it), a
 rank that raised, a timeout (the message names the ranks), or a rank that did not exit
@@ -30,7 +37,8 @@ cleanly after reporting, 2 on bad arguments. ``--json`` prints one JSON object i
 of the table.
 
 Modules: :mod:`.options` (flags), :mod:`.checks` (what each rank computes),
-:mod:`.rules` (how a row passes), :mod:`.spawn` and :mod:`.launched` (the two worlds),
+:mod:`.targets` (the labels and negatives), :mod:`.truth` (the truth and the tensors'
+bounds), :mod:`.rules` (how a row passes), :mod:`.spawn` and :mod:`.launched` (the two worlds),
 :mod:`.report` (table and JSON), :mod:`.cli` (``main``).
 """
 

@@ -16,7 +16,9 @@ import torch.distributed as dist
 
 from .. import clip_loss, siglip_loss, testing
 from .options import Options, default_backends
-from .rules import QUANTITIES, Comparison, Row, figures_by_quantity, judge
+from .rules import Comparison, Row, figures_by_quantity, judge, quantities
+from .targets import Extras, takes
+from .truth import Case, Truth
 
 #: SigLIP's rows: its usual initial bias, and the opposite sign (most logits positive).
 SIGLIP_BIASES = (-10.0, 10.0)
@@ -41,56 +43,42 @@ def split_sizes(B: int, n: int) -> list[int]:
     return sizes
 
 
-@dataclass(frozen=True)
-class Case:
-    """One loss at one temperature (and, for SigLIP, one bias)."""
-
-    loss: str
-    scale: float
-    bias: float | None = None
-
-    @property
-    def log_scale(self) -> float:
-        """The fp32 ``logit_scale`` the ranks hold: the truth is that of this input."""
-        return float(torch.tensor(math.log(self.scale), dtype=torch.float32))
-
-    def describe(self) -> str:
-        bias = "" if self.bias is None else f", bias {self.bias:+g}"
-        return f"{self.loss} at scale {self.scale:.4g}{bias}"
-
-    def step(self, backend: str, precision: str) -> str:
-        """What the progress reports say, e.g. ``siglip chunked/bf16/scale 99/bias -10``."""
-        where = f"{backend}/{precision}/scale {self.scale:.4g}"
-        return where if self.bias is None else f"{self.loss} {where}/bias {self.bias:+g}"
-
-
 def cases(opts: Options) -> list[Case]:
-    """CLIP at every scale; SigLIP at the largest, with each of :data:`SIGLIP_BIASES`."""
-    out = []
+    """CLIP at every scale; SigLIP at the largest, with each of :data:`SIGLIP_BIASES`; then
+    each of ``opts.targets`` for each loss at the largest scale (SigLIP: the first bias)."""
+    out, top = [], max(opts.scales)
     if "clip" in opts.losses:
         out += [Case("clip", s) for s in opts.scales]
     if "siglip" in opts.losses:
-        out += [Case("siglip", max(opts.scales), b) for b in SIGLIP_BIASES]
+        out += [Case("siglip", top, b) for b in SIGLIP_BIASES]
+    for loss, bias in (("clip", None), ("siglip", SIGLIP_BIASES[0])):
+        if loss in opts.losses:
+            out += [Case(loss, top, bias, t) for t in opts.targets]
     return out
 
 
 def run_checks(rank: int, n: int, device, opts: Options, progress=lambda step: None) -> list[Row]:
-    """Every rank of the world calls this; each returns the same rows (figures reduced)."""
+    """Every rank of the world calls this; each returns the same rows (figures reduced).
+
+    A backend that does not take a row's targets (``fused`` and labels) skips it.
+    """
     backends = opts.backends or default_backends(device)
     sizes = split_sizes(opts.batch, n)
     img, txt = (
         x.to(device) for x in testing.make_pairs(opts.batch, opts.dim, opts.seed, noise=NOISE)
     )
+    extras = Extras.make(opts, n, txt, NOISE)
     fault = opts.fault[0] if opts.fault and opts.fault[1] == rank else None
     rows = []
     old_precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # only the precision argument rounds
     try:
         for case in cases(opts):
-            for precision in opts.precisions:
+            mine = [b for b in backends if takes(b, case.targets)]
+            for precision in opts.precisions if mine else ():
                 progress(f"float64 truth and plain fp32, {precision}, {case.describe()}")
-                truth = Truth.compute(case, precision, img, txt, sizes)
-                for backend in backends:
+                truth = Truth.compute(case, precision, img, txt, sizes, extras)
+                for backend in mine:
                     progress(case.step(backend, precision))
                     if fault == "raise":
                         raise RuntimeError(
@@ -98,84 +86,45 @@ def run_checks(rank: int, n: int, device, opts: Options, progress=lambda step: N
                         )
                     if fault == "hang":
                         time.sleep(1e6)
-                    ours = Results.compute(case, backend, precision, img, txt, sizes, rank, opts)
+                    args = (case, backend, precision, img, txt, sizes, rank, opts)
+                    ours = Results.compute(*args, extras.for_rank(case.targets, rank, sizes, fault))
                     ours.inject(fault)
-                    row = Row(backend, precision, case.scale, case.loss, case.bias)
+                    row = Row(backend, precision, case.scale, case.loss, case.bias, case.targets)
                     rows.append(judge(row, _figures(case, truth, ours, sizes, rank)))
     finally:
         torch.set_float32_matmul_precision(old_precision)
     return rows
 
 
-@dataclass
-class Truth:
-    """The float64 truth of one case on the whole batch (``testing.ClipTruth`` or
-    ``testing.SigLipTruth``, bounds for ``precision``), and the bounds of the two
-    gradient tensors from a plain fp32 computation with the same operand rounding and
-    the gradients' sizes before the normalisation's projection
-    (:func:`palmtree.testing.tensor_bound`)."""
-
-    exact: testing.ClipTruth | testing.SigLipTruth
-    d_image_bound: float
-    d_text_bound: float
-
-    @classmethod
-    def compute(cls, case: Case, precision: str, img, txt, sizes: list[int]) -> Truth:
-        """Both on the batch's device. The plain computation materialises the ``B x B``
-        logits (and autograd's few copies of them); it is the worst of a few summation
-        orders (:func:`palmtree.testing.worst_of_orders`), what plain fp32 can be relied
-        on to achieve on any machine."""
-        n = len(sizes)
-        block = max(1, (1 << 25) // len(img)) if img.is_cuda else None  # fewer launches
-        kw = dict(sizes=sizes, precision=precision)
-        if case.loss == "clip":
-            exact = testing.clip_truth(img, txt, case.log_scale, block=block, **kw)
-
-            def plain(i, t):
-                return testing.plain_fp32(i, t, case.log_scale, **kw)
-        else:
-            exact = testing.siglip_truth(img, txt, case.log_scale, case.bias, block=block, **kw)
-
-            def plain(i, t):
-                return testing.plain_fp32_siglip(i, t, case.log_scale, case.bias, **kw)
-
-        tensors = {"d_img": exact.d_img, "d_txt": exact.d_txt}
-        try:
-            worst = testing.worst_of_orders(plain, img, txt, tensors)
-        except torch.OutOfMemoryError as exc:
-            raise RuntimeError(
-                f"the plain fp32 computation that bounds the gradient tensors holds the "
-                f"{len(img)} x {len(img)} logits and does not fit on {img.device}; "
-                "use a smaller --batch"
-            ) from exc
-        # Where the truth is 0 (D = 1: the normalisation's projection removes it all),
-        # relative to the gradient before that projection: fp32 leaves its rounding.
-        d_img, d_txt = (
-            testing.tensor_bound(n * worst[k], n * v, size=n * getattr(exact, f"{k}_size"))
-            for k, v in tensors.items()
-        )
-        return cls(exact, d_img, d_txt)
+#: Each gradient tensor's quantity in the rows, by its name in the truth.
+TENSORS = {"d_img": "d_image", "d_txt": "d_text", "d_neg": "d_neg"}
 
 
 @dataclass
 class Results:
-    """What this rank's slice gives: the returned loss, the global metrics, its feature
-    gradients and its gradients of the temperature (and bias)."""
+    """What this rank's slice gives: the returned loss, the global metrics, its gradient
+    tensors (``d_img``, ``d_txt``, and ``d_neg`` with negatives, each with its rows of the
+    global truth in ``spans``) and its gradients of the temperature (and bias)."""
 
     loss: torch.Tensor
     parts: dict[str, torch.Tensor]  # loss_global, and SigLIP's loss_pos and loss_neg
-    d_image: torch.Tensor
-    d_text: torch.Tensor
+    grads: dict[str, torch.Tensor]
+    spans: dict[str, slice]
     d_scale: torch.Tensor
     d_bias: torch.Tensor | None
 
     @classmethod
-    def compute(cls, case, backend, precision, img, txt, sizes, rank, opts) -> Results:
+    def compute(cls, case, backend, precision, img, txt, sizes, rank, opts, extra) -> Results:
+        """``extra``: this rank's labels and negatives (:meth:`~.targets.Extras.for_rank`)."""
         offset, b, dev = sum(sizes[:rank]), sizes[rank], img.device
         i = img[offset : offset + b].clone().requires_grad_()
         t = txt[offset : offset + b].clone().requires_grad_()
         theta = torch.tensor(case.log_scale, device=dev, requires_grad=True)
-        kw = dict(backend=backend, precision=precision, chunk_size=opts.chunk_size)
+        kw = dict(backend=backend, precision=precision, chunk_size=opts.chunk_size, **extra.kwargs)
+        leaves = {"d_img": i, "d_txt": t}
+        spans = {"d_img": slice(offset, offset + b), "d_txt": slice(offset, offset + b)}
+        if extra.negatives is not None:
+            leaves["d_neg"], spans["d_neg"] = extra.negatives, extra.span
         if case.loss == "clip":
             bias = None
             out = clip_loss(i, t, theta, **kw)
@@ -186,26 +135,29 @@ class Results:
             parts = {"loss_global": out.loss_global, "loss_pos": out.loss_pos}
             parts["loss_neg"] = out.loss_neg
         out.loss.backward()
-        grads = [_grad(x) for x in (i, t, theta)]
-        return cls(out.loss.detach(), parts, *grads, None if bias is None else _grad(bias))
+        grads = {k: _grad(x) for k, x in leaves.items()}
+        d_bias = None if bias is None else _grad(bias)
+        return cls(out.loss.detach(), parts, grads, spans, _grad(theta), d_bias)
 
     def inject(self, fault: str | None) -> None:
-        """``--inject-fault``: a wrong feature gradient, or a NaN temperature gradient."""
+        """``--inject-fault``: a wrong feature gradient, a NaN temperature gradient, or a
+        wrong gradient of the negatives."""
         if fault == "wrong":
-            self.d_image = self.d_image * 1.25
+            self.grads["d_img"] = self.grads["d_img"] * 1.25
         elif fault == "nan":
             self.d_scale = torch.full_like(self.d_scale, math.nan)
+        elif fault == "d_neg" and "d_neg" in self.grads:
+            self.grads["d_neg"] = self.grads["d_neg"] * 1.25
 
 
 def _figures(case: Case, truth: Truth, ours: Results, sizes: list[int], rank: int) -> list[float]:
     """The row's figures (:func:`~.rules.figures_by_quantity`), reduced over ranks.
 
-    Sums are compared with the truth's bounds, each rank's feature gradients with the
+    Sums are compared with the truth's bounds, each rank's gradient tensors with the
     tensors' bounds; the temperature's and bias's gradients are first averaged over
     ranks in float64, as DDP applies them.
     """
     ex, n = truth.exact, len(sizes)
-    offset, b = sum(sizes[:rank]), sizes[rank]
     share, share_bound = n * ex.shares[rank], n * float(ex.share_bounds[rank])
     found = [Comparison("loss", testing.max_error(ours.loss, share), share_bound, _size(share))]
     bounds = {"loss_global": ex.loss_bound}
@@ -214,19 +166,18 @@ def _figures(case: Case, truth: Truth, ours: Results, sizes: list[int], rank: in
     for name, value in ours.parts.items():
         want = ex.loss if name == "loss_global" else getattr(ex, name)
         found.append(Comparison("loss", testing.max_error(value, want), bounds[name], _size(want)))
-    for q, value, want, bound in (
-        ("d_image", ours.d_image, ex.d_img, truth.d_image_bound),
-        ("d_text", ours.d_text, ex.d_txt, truth.d_text_bound),
-    ):
-        err = testing.max_error(value, n * want[offset : offset + b])
-        found.append(Comparison(q, err, bound, n * _size(want)))
+    for k, value in ours.grads.items():
+        want = getattr(ex, k)
+        err = testing.max_error(value, n * want[ours.spans[k]])
+        found.append(Comparison(TENSORS[k], err, truth.bounds[k], n * _size(want)))
     scalars = [("d_scale", ours.d_scale, ex.d_scale, ex.d_scale_bound)]
     if case.loss == "siglip":
         scalars.append(("d_bias", ours.d_bias, ex.d_bias, ex.d_bias_bound))
     means = _mean_over_ranks([value for _, value, _, _ in scalars], n)
     for (q, _, want, bound), mean in zip(scalars, means, strict=True):
         found.append(Comparison(q, testing.max_error(mean, want), bound, _size(want)))
-    figures = torch.tensor(figures_by_quantity(found, QUANTITIES[case.loss]), dtype=torch.float64)
+    names = quantities(case.loss, case.targets)
+    figures = torch.tensor(figures_by_quantity(found, names), dtype=torch.float64)
     if _distributed(n):
         # No NaN in it (figures are inf where not finite), so MAX keeps every failure.
         figures = figures.to(ours.loss.device)

@@ -64,16 +64,20 @@ def _run_spawned(opts: Options) -> tuple[int, int, str, Outcome]:
 def _report(opts: Options, n: int, where: str, outcome: Outcome, ok: bool) -> None:
     """Rank 0's report: the table (or JSON) on stdout, what went wrong on stderr."""
     from .checks import split_sizes
+    from .targets import describe, negative_sizes
 
     sizes = split_sizes(opts.batch, n)
     if opts.json:
-        print(to_json(ok, n, where, sizes, opts, outcome.rows, outcome.error))
+        negatives = negative_sizes(opts.batch, n) if opts.targets else None
+        print(to_json(ok, n, where, sizes, opts, outcome.rows, outcome.error, negatives))
         return
     header = (
         f"palmtree verify: {n} rank(s) ({where}), global batch {opts.batch} split "
         f"{sizes}, D={opts.dim}, seed {opts.seed}"
     )
+    if opts.targets:
+        header += describe(opts.batch, n)
     if outcome.rows:
-        print(render(outcome.rows, header))
+        print(render(outcome.rows, header, opts.targets))
     if outcome.error:
         print(f"palmtree verify: {outcome.error}", file=sys.stderr)

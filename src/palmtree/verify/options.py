@@ -10,7 +10,10 @@ from ..options import LOSSES
 from ..precision import PRECISIONS
 
 DEFAULT_SCALES = (1 / 0.07, 99.0)
-FAULTS = ("raise", "hang", "wrong", "nan")
+FAULTS = ("raise", "hang", "wrong", "nan", "labels", "negatives", "d_neg")
+#: The rows with global targets (:mod:`.targets`): labels under each ``same_label`` with
+#: the extra negatives, and the negatives alone.
+TARGETS = ("positive", "ignore", "negatives")
 #: The smallest temperature float32 holds as a normal number; below it ``exp(logit_scale)``
 #: is 0 or subnormal in float32, and every comparison would only measure that rounding.
 MIN_SCALE = 2.0**-126
@@ -33,6 +36,7 @@ class Options:
     precisions: tuple[str, ...] = PRECISIONS
     scales: tuple[float, ...] = DEFAULT_SCALES
     losses: tuple[str, ...] = LOSSES
+    targets: tuple[str, ...] = TARGETS
     batch: int = 389
     dim: int = 72
     seed: int = 0
@@ -79,6 +83,15 @@ def parse_args(argv: list[str]) -> Options:
         help="comma-separated: clip (softmax, every scale) and siglip (sigmoid, bias -10 "
         "and +10 at the largest scale) (default: clip,siglip)",
     )
+    p.add_argument(
+        "--targets",
+        type=_targets,
+        default=TARGETS,
+        help="comma-separated rows with global targets, at the largest scale (SigLIP: bias "
+        "-10): positive and ignore (labels i %% 3 under that same_label, and extra "
+        "negatives), negatives (alone; the only one fused takes), or none "
+        "(default: positive,ignore,negatives)",
+    )
     p.add_argument("--batch", type=_positive(int), default=389, help="global batch (389)")
     p.add_argument("--dim", type=_positive(int), default=72, help="feature dim (72)")
     p.add_argument("--seed", type=_seed, default=0, help="data seed (0)")
@@ -90,8 +103,8 @@ def parse_args(argv: list[str]) -> Options:
         help="seconds before a stuck run is ended, naming the ranks that did not finish (120)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object, not a table")
-    # For the tests of this command: make one rank raise, hang, or return a wrong or a NaN
-    # gradient.
+    # For the tests of this command: make one rank raise, hang, return a wrong or a NaN
+    # gradient, pass labels of its own, drop its negatives or return their gradient wrong.
     p.add_argument(
         "--inject-fault", dest="fault", type=_fault, default=None, help=argparse.SUPPRESS
     )
@@ -133,6 +146,17 @@ def _csv(kind: str, allowed: tuple[str, ...]):
         return items
 
     return parse
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    if text.strip() == "none":
+        return ()
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not items or any(x not in TARGETS for x in items):
+        raise argparse.ArgumentTypeError(
+            f"targets must be none or a comma-separated subset of {','.join(TARGETS)}, got {text!r}"
+        )
+    return items
 
 
 def _scales(text: str) -> tuple[float, ...]:

@@ -8,7 +8,8 @@ Each quantity of a row is one or more comparisons of a result with its float64 t
   bound that :func:`palmtree.testing.clip_truth` derives from the computation itself
   (the rule of :func:`palmtree.testing.check_scalar`): relative to the value, with no
   absolute allowance, so a small loss must keep its digits;
-* gradient tensors pass when ``max |ours - float64|`` is at most
+* gradient tensors (each rank's feature gradients, and its extra negatives' in the rows
+  with global targets) pass when ``max |ours - float64|`` is at most
   :func:`palmtree.testing.tensor_bound`: twice the error of a plain fp32 computation with
   the same operand rounding, plus ``1e-6`` of the largest entry (the rule of
   :func:`palmtree.testing.check_tensor`); where the truth is exactly 0, as at ``D = 1``
@@ -31,6 +32,13 @@ QUANTITIES = {
     "clip": ("loss", "d_image", "d_text", "d_scale"),
     "siglip": ("loss", "d_image", "d_text", "d_scale", "d_bias"),
 }
+
+
+def quantities(loss: str, targets: str | None = None) -> tuple[str, ...]:
+    """What a row compares: :data:`QUANTITIES`, and ``d_neg`` (each rank's gradient of its
+    extra negatives) after ``d_text`` in the rows with global targets."""
+    q = QUANTITIES[loss]
+    return q if targets is None else (*q[:3], "d_neg", *q[3:])
 
 
 @dataclass
@@ -68,13 +76,15 @@ def figures_by_quantity(comparisons: list[Comparison], quantities) -> list[float
 
 @dataclass
 class Row:
-    """One row of the report: a loss, backend, precision and temperature (and bias)."""
+    """One row of the report: a loss, backend, precision and temperature (and bias), and
+    its global targets (``None``: none; :mod:`.targets`)."""
 
     backend: str
     precision: str
     logit_scale: float
     loss: str = "clip"
     logit_bias: float | None = None
+    targets: str | None = None
     errors: dict[str, float | None] = field(default_factory=dict)
     tolerances: dict[str, float | None] = field(default_factory=dict)
     worst: float | None = None
@@ -87,11 +97,11 @@ def judge(row: Row, figures: list[float]) -> Row:
     ``errors`` and ``tolerances`` are relative (``null`` in JSON where not finite);
     ``worst`` is the largest error / bound; the row passes when it is at most 1.
     """
-    quantities = QUANTITIES[row.loss]
-    if len(figures) != 3 * len(quantities):
-        raise ValueError(f"expected {3 * len(quantities)} figures, got {len(figures)}")
+    names = quantities(row.loss, row.targets)
+    if len(figures) != 3 * len(names):
+        raise ValueError(f"expected {3 * len(names)} figures, got {len(figures)}")
     ratios = []
-    for k, q in enumerate(quantities):
+    for k, q in enumerate(names):
         ratio, rel_err, rel_bound = (_finite_or_inf(x) for x in figures[3 * k : 3 * k + 3])
         ratios.append(ratio)
         row.errors[q] = _none_if_not_finite(rel_err)
