@@ -21,6 +21,9 @@ def flag_problem(c: TrainConfig) -> str | None:
     for flag, path in (("--train-data", c.train_data), ("--val-data", c.val_data)):
         if path is not None and not os.path.isfile(path):
             return f"{flag}: no such file: {path}"
+    problem = _label_problem(c)
+    if problem:
+        return problem
     if c.text_width % c.text_heads:
         return f"--text-width {c.text_width} must be divisible by --text-heads {c.text_heads}"
     problem = _run_folder_problem(c)
@@ -38,6 +41,22 @@ def flag_problem(c: TrainConfig) -> str | None:
             "--backend fused needs CUDA ranks (torchrun on GPUs) and Triton; the spawned "
             "ranks run on CPU: use --backend auto or chunked"
         )
+    return None
+
+
+def _label_problem(c: TrainConfig) -> str | None:
+    """``--same-label`` and ``--label-column``: the CSV labels come from a column, the
+    digits' are their classes; the fused kernels take no labels yet."""
+    if c.label_column is not None and c.train_data is None:
+        return (
+            "--label-column names a column of --train-data (the digits' labels are their classes)"
+        )
+    if c.label_column is not None and c.same_label is None:
+        return "--label-column gives the labels of --same-label positive|ignore: give it too"
+    if c.same_label is not None and c.train_data is not None and c.label_column is None:
+        return "--same-label with --train-data needs --label-column NAME, a column of integer ids"
+    if c.same_label is not None and c.backend == "fused":
+        return "--same-label: the fused backend takes no labels yet; use --backend auto or chunked"
     return None
 
 

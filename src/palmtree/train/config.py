@@ -28,6 +28,7 @@ class TrainConfig:
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_separator: str = "\t"
+    label_column: str | None = None  # CSV: the column of integer item ids (--same-label)
     image_size: int = 32
     max_bad_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -43,6 +44,7 @@ class TrainConfig:
     precision: str = "fp32"
     seed: int = 0
     max_steps: int | None = None
+    same_label: str | None = None  # None: no labels; "positive" or "ignore" (SAME_LABEL)
     # model
     image_width: int = 32
     image_dim: int = 128

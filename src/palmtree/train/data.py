@@ -1,8 +1,10 @@
 """What the ranks train on, whichever the source (:mod:`.digits` or :mod:`.csv_data`).
 
 Both sources come out as a :class:`CaptionedImages` dataset whose items are ``(image
-[C, H, W], token ids, group)``; ``group`` says which items describe the same thing (the
-digit, or the caption text for CSV data) and decides retrieval hits in the evaluation.
+[C, H, W], token ids, group, label)``; ``group`` says which items describe the same thing
+(the digit, or the caption text for CSV data) and decides retrieval hits in the
+evaluation; ``label`` is the item id the loss gets with ``--same-label`` (the digit, or
+``--label-column``; ``None`` for CSV data without one).
 :class:`GlobalBatchSampler` splits every global batch over the ranks without padding.
 """
 
@@ -37,6 +39,7 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     captions: list[list[list[int]]]
     groups: np.ndarray
+    labels: np.ndarray | None = None  # the loss's item ids (--same-label)
     images: torch.Tensor | None = None
     paths: list[str] | None = None
     image_size: int = 32
@@ -66,7 +69,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         return load_image_file(self.paths[i], self.image_size)
 
     def __getitem__(self, i: int):
-        return self.load_image(i), self.captions[i][self.choice[i]], int(self.groups[i])
+        label = None if self.labels is None else int(self.labels[i])
+        return self.load_image(i), self.captions[i][self.choice[i]], int(self.groups[i]), label
 
 
 def load_image_file(path: str, size: int) -> torch.Tensor:
@@ -83,10 +87,12 @@ def load_image_file(path: str, size: int) -> torch.Tensor:
 
 
 class Collate:
-    """Stacks images and pads token ids; an empty batch gives correctly shaped empty tensors."""
+    """Stacks images and pads token ids; an empty batch gives correctly shaped empty tensors.
+    With ``labels`` the batch also holds the items' labels (``[b]`` int64)."""
 
-    def __init__(self, image_shape: tuple[int, ...]) -> None:
+    def __init__(self, image_shape: tuple[int, ...], labels: bool = False) -> None:
         self.image_shape = tuple(image_shape)
+        self.labels = labels
 
     def __call__(self, items):
         if not items:
@@ -95,7 +101,10 @@ class Collate:
             images = torch.stack([item[0] for item in items])
         ids, mask = pad_batch([item[1] for item in items])
         groups = torch.tensor([item[2] for item in items], dtype=torch.int64)
-        return {"images": images, "ids": ids, "mask": mask, "groups": groups}
+        batch = {"images": images, "ids": ids, "mask": mask, "groups": groups}
+        if self.labels:
+            batch["labels"] = torch.tensor([item[3] for item in items], dtype=torch.int64)
+        return batch
 
 
 # --------------------------------------------------------------------------- sampler

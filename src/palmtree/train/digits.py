@@ -135,6 +135,7 @@ def prepare_digits(
     train = CaptionedImages(
         captions=[train_ids[y] for y in labels[train_idx]],
         groups=labels[train_idx],
+        labels=labels[train_idx],  # the digit: what --same-label compares
         images=pixels[train_idx],
         seed=seed,
     )

@@ -88,7 +88,7 @@ class Batches:
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
-            collate_fn=Collate(self.dataset.image_shape),
+            collate_fn=Collate(self.dataset.image_shape, labels=cfg.same_label is not None),
             num_workers=cfg.workers,
             pin_memory=ctx.device.type == "cuda",
         )

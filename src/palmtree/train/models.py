@@ -34,6 +34,8 @@ class ModelConfig:
     init_logit_bias: float = -10.0  # siglip only
     logit_scale_max: float = 100.0
     backend: str = "auto"
+    #: ``--same-label`` (``None``: the loss gets no labels; a resume must keep it).
+    same_label: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +126,7 @@ def build_loss(config: ModelConfig) -> nn.Module:
         init_logit_scale=config.init_logit_scale,
         logit_scale_max=config.logit_scale_max,
         backend=config.backend,
+        same_label=config.same_label or "positive",  # without labels it does nothing
     )
     if config.loss == "siglip":
         return SigLipLoss(**common, init_logit_bias=config.init_logit_bias)
@@ -192,7 +195,8 @@ class DualEncoder(nn.Module):
         with torch.no_grad():
             self.loss_fn.logit_scale.clamp_(0, math.log(self.config.logit_scale_max))
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels=None):
         """The loss's output record (``ClipLossOutput`` or ``SigLipLossOutput``); a
-        collective over all ranks."""
-        return self.loss_fn(self.image(images), self.text(ids, mask), text_mask=mask)
+        collective over all ranks. ``labels`` (``[b]`` ids, ``--same-label``) go to the loss."""
+        extra = {} if labels is None else {"labels": labels}
+        return self.loss_fn(self.image(images), self.text(ids, mask), text_mask=mask, **extra)

@@ -12,6 +12,7 @@ import math
 
 from ..backends import BACKENDS
 from ..options import LOSSES
+from ..targets import SAME_LABEL
 from .checks import flag_problem
 from .config import AUTOCAST_MODES, TrainConfig
 
@@ -108,6 +109,12 @@ def _data_flags(data) -> None:
         help="column separator (default: tab; '\\t', 'tab', ',' or 'comma')",
     )
     data.add_argument(
+        "--label-column",
+        metavar="NAME",
+        help="CSV column of integer item ids, the labels of --same-label (the digits' "
+        "labels are their classes)",
+    )
+    data.add_argument(
         "--image-size",
         type=_positive_int,
         default=DEFAULTS.image_size,
@@ -156,6 +163,14 @@ def _batch_flags(train) -> None:
         help="micro-batches per rank and optimiser step, accumulated exactly with "
         "palmtree.accumulate: a step trains on K x --batch-size pairs per rank "
         "(default %(default)s: no accumulation)",
+    )
+    train.add_argument(
+        "--same-label",
+        choices=SAME_LABEL,
+        help="give the loss each pair's label (the digit; for CSV data --label-column): "
+        "pairs with equal labels anywhere in the global batch are each other's positives "
+        "(positive) or leave the loss (ignore); default: no labels, every other pair is a "
+        "negative",
     )
     train.add_argument(
         "--epochs", type=_positive_int, default=DEFAULTS.epochs, help="(default %(default)s)"

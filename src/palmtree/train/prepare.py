@@ -47,7 +47,14 @@ def load_resume(cfg: TrainConfig) -> Resume | None:
         raise TrainError(
             f"{path} was trained with --loss {config.loss}; resume it with --loss {config.loss}"
         )
+    if config.same_label != cfg.same_label:
+        how = _same_label(config.same_label)
+        raise TrainError(f"{path} was trained {how}; resume it {how}")
     return Resume(path, state["global_step"], tokenizer, config.in_channels)
+
+
+def _same_label(value: str | None) -> str:
+    return "without --same-label" if value is None else f"with --same-label {value}"
 
 
 def load_data(cfg: TrainConfig, resume: Resume | None) -> Prepared:
@@ -70,6 +77,7 @@ def load_data(cfg: TrainConfig, resume: Resume | None) -> Prepared:
             cfg.context_length,
             cfg.vocab_size,
             tokenizer,
+            cfg.label_column,
         )
     if resume is not None and resume.in_channels != prepared.in_channels:
         raise TrainError(

@@ -135,7 +135,8 @@ class Report:
             run_dir / "metrics.jsonl",
             run_dir / "curves.png",
             title=f"palmtree train: {self.prepared.report.get('dataset', '')}, "
-            f"{self.cfg.loss} loss, {self.ctx.world_size} ranks",
+            f"{self.cfg.loss} loss, {self.ctx.world_size} ranks"
+            + (f", --same-label {self.cfg.same_label}" if self.cfg.same_label else ""),
         )
         results["wall_seconds"] = round(time.time() - t0, 2)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -171,6 +172,8 @@ class Report:
             "precision": cfg.precision,
             "batch_size_per_rank": cfg.batch_size,
             "accum_steps": cfg.accum_steps,
+            "same_label": cfg.same_label,
+            "label_column": cfg.label_column,
             "seed": cfg.seed,
             "data": self.prepared.report,
             "retrieval_hit_rule": HIT_RULES[self.prepared.kind],
@@ -205,6 +208,8 @@ def summary(results: dict, kind: str, run_dir: Path, plot: Path) -> str:
     state = "done" if results["completed"] else f"stopped at step {results['steps']}"
     accum = results["accum_steps"]
     steps = f"{results['steps']} steps" + (f" of {accum} micro-batches" if accum > 1 else "")
+    if results["same_label"] is not None:
+        steps += f", --same-label {results['same_label']}"
     lines = [
         f"palmtree train: {state} in {results['wall_seconds']:.1f} s on "
         f"{results['world_size']} rank(s) ({results['device']}), {results['loss']} loss, "

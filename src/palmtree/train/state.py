@@ -34,6 +34,7 @@ TRAJECTORY_FLAGS = (
     "warmup",
     "seed",
     "precision",
+    "label_column",
 )
 
 
@@ -72,6 +73,7 @@ def model_config(cfg: TrainConfig, prepared: Prepared, world_size: int) -> Model
         loss=cfg.loss,
         **initial_temperature(cfg.loss, cfg.batch_size * cfg.accum_steps * world_size),
         backend=cfg.backend,
+        same_label=cfg.same_label,
     )
 
 
@@ -153,9 +155,9 @@ def _load(state: TrainState, saved: dict, path: Path, steps_per_epoch: int, ctx)
 def _warn_about_differences(saved: dict, cfg: TrainConfig, ctx: RankContext) -> None:
     before, now = saved.get("args", {}), cfg.flags()
     diffs = [
-        f"--{k.replace('_', '-')} {before[k]} -> {now[k]}"
+        f"--{k.replace('_', '-')} {before[k]} -> {now.get(k)}"
         for k in TRAJECTORY_FLAGS
-        if k in before and before[k] != now[k]
+        if k in before and before[k] != now.get(k)
     ]
     if saved["world_size"] != ctx.world_size:
         diffs.append(f"world size {saved['world_size']} -> {ctx.world_size}")

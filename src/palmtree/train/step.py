@@ -10,6 +10,10 @@ of every rank's micro-batches, then re-encodes each one to backpropagate its sha
 averages the towers' and the loss's gradients over the ranks itself (one all-reduce
 each), so nothing is DDP-wrapped. Either way the optimiser steps on the exact gradient
 of one loss over the whole global batch.
+
+With ``--same-label``, each micro-batch's labels (``[b]`` ids) go with it: into the
+loss call as ``labels=``, or to :func:`palmtree.accumulate` as one tensor per
+micro-batch; the loss gathers them over the ranks with the features.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ def lr_at(step: int, base: float, warmup: int, total: int) -> float:
 class Stepper:
     """``stepper(micro_batches, lr)``: one optimiser step on this rank's micro-batches.
 
-    ``micro_batches`` are the collated dicts (``images``, ``ids``, ``mask``) of one step,
+    ``micro_batches`` are the collated dicts (``images``, ``ids``, ``mask``, and with
+    ``--same-label`` ``labels``) of one step,
     ``--accum-steps`` of them, any of which may be empty. A collective: every rank calls
     it once per step. Returns the loss's metrics over the global batch (plain floats,
     ``out.metrics()`` of its output record) as they were before the step.
@@ -62,6 +67,7 @@ class Stepper:
     ) -> None:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.device, self.amp_dtype = ctx.device, cfg.amp_dtype
+        self.labelled = cfg.same_label is not None
         self.accumulated = cfg.accum_steps > 1
         if self.accumulated:
             kind = ctx.device.type
@@ -79,7 +85,9 @@ class Stepper:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        out = self._backward([self._on_device(b) for b in micro_batches])
+        batches = [self._on_device(b) for b in micro_batches]
+        labels = [self._labels(b) for b in micro_batches] if self.labelled else None
+        out = self._backward(batches, labels)
         metrics = out.metrics()  # the step's own values, before the parameters move
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -89,21 +97,28 @@ class Stepper:
         self.model.clamp_logit_scale()
         return metrics
 
-    def _backward(self, batches: list[tuple]):
+    def _backward(self, batches: list[tuple], labels: list[torch.Tensor] | None):
         """The loss's output record, with every parameter's gradient in place."""
         if self.accumulated:
             # A rank may hold fewer micro-batches than the others, or none: accumulate
-            # takes any number, so the empty ones (the end of an epoch) are left out.
-            return accumulate(self.encode, self.loss_fn, [b for b in batches if len(b[0])])
+            # takes any number, so the empty ones (the end of an epoch) are left out
+            # (with their labels: a rank without micro-batches passes labels=[]).
+            keep = [k for k, b in enumerate(batches) if len(b[0])]
+            extra = {} if labels is None else {"labels": [labels[k] for k in keep]}
+            return accumulate(self.encode, self.loss_fn, [batches[k] for k in keep], **extra)
         (batch,) = batches
+        extra = {} if labels is None else {"labels": labels[0]}
         with self._autocast():
-            out = self.ddp(*batch)
+            out = self.ddp(*batch, **extra)
         loss = out.loss if self.scaler is None else self.scaler.scale(out.loss)
         loss.backward()
         return out
 
     def _on_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(batch[k].to(self.device, non_blocking=True) for k in ("images", "ids", "mask"))
+
+    def _labels(self, batch: dict) -> torch.Tensor:
+        return batch["labels"].to(self.device, non_blocking=True)
 
     def _autocast(self):
         if self.amp_dtype is None:
