@@ -33,8 +33,9 @@ class Targets:
     pairs off the diagonal leave the sums (``True``) or are positives (``False``).
     ``counts``: ``[B]`` fp32, how many pairs of the global batch share each pair's id
     (``|P(k)|``, the pair itself included). ``n_pairs`` is ``B``: columns from ``B`` on
-    are extra negatives, never a target and never a query; ``columns`` holds ``labels``
-    and then a placeholder id per negative column (``same`` never matches those).
+    are extra negatives, never a target and never a query. ``columns``: one small id
+    per column, equal where the labels are (each pair's first place among the sorted
+    ids), ``-1`` for the extra negatives, so that one comparison of ids says it all.
     """
 
     labels: torch.Tensor
@@ -47,11 +48,14 @@ class Targets:
     #: by the CLIP pass before its kernels run).
     pair_dot: torch.Tensor | None = None
 
-    def same(self, row_labels: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
-        """``[len(row_labels), c1 - c0]``: whether the rows' items (their ids given) and
-        columns ``[c0, c1)`` are the same (``False`` for the extra negatives' columns)."""
-        pair = torch.arange(c0, c1, device=row_labels.device) < self.n_pairs
-        return (row_labels[:, None] == self.columns[None, c0:c1]) & pair[None, :]
+    def rows(self, offset: int, b: int) -> torch.Tensor:
+        """The :attr:`columns` ids of the pairs ``[offset, offset + b)``, as rows."""
+        return self.columns[offset : offset + b]
+
+    def same(self, row_ids: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+        """``[len(row_ids), c1 - c0]``: whether the rows (their :meth:`rows` ids) and
+        columns ``[c0, c1)`` are the same item (never for the extra negatives' columns)."""
+        return row_ids[:, None] == self.columns[None, c0:c1]
 
 
 def global_targets(labels, layout: Layout, same_label: str) -> Targets | None:
@@ -63,7 +67,8 @@ def global_targets(labels, layout: Layout, same_label: str) -> Targets | None:
     # |P(k)| from the sorted ids, in static shapes (``torch.compile`` traces it whole).
     ordered = torch.sort(labels).values
     counts = torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
-    columns = torch.cat([labels, labels.new_zeros(sum(layout.negative_sizes))])
+    first = torch.searchsorted(ordered, labels)  # equal ids, equal places; all >= 0
+    columns = torch.cat([first, first.new_full((sum(layout.negative_sizes),), -1)])
     ignore, B = same_label == "ignore", layout.b_global
     return Targets(labels, ignore, counts.to(torch.float32), B, columns)
 

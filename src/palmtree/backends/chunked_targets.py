@@ -15,7 +15,7 @@ import torch
 from ..precision import cast_operand, mm
 from ..targets import Targets
 from .base import ForwardStats, GradientTerms, SigmoidStats, zero_grads
-from .chunks import add_products, column_chunks
+from .chunks import add_products, column_chunks, diag_slice, reuse_buffer, without_positives
 
 _NEG_INF = float("-inf")
 #: Bytes of ``b x chunk`` temporaries these passes hold at once (masks, products, their
@@ -24,13 +24,13 @@ _NEG_INF = float("-inf")
 _PER_LOGIT = 64
 
 
-def _chunk_masks(targets: Targets, row_labels, offset: int, b: int, c0: int, c1: int):
+def _chunk_masks(targets: Targets, row_ids, offset: int, b: int, c0: int, c1: int):
     """``(diag, same_off)`` of one chunk: the rows' own pairs' entries, and the other
     entries of the rows' items."""
-    cols = torch.arange(c0, c1, device=row_labels.device)
-    rows = torch.arange(offset, offset + b, device=row_labels.device)
+    cols = torch.arange(c0, c1, device=row_ids.device)
+    rows = torch.arange(offset, offset + b, device=row_ids.device)
     diag = rows[:, None] == cols[None, :]
-    return diag, targets.same(row_labels, c0, c1) & ~diag
+    return diag, targets.same(row_ids, c0, c1) & ~diag
 
 
 def _own_logits(diag: torch.Tensor, s: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
@@ -41,6 +41,16 @@ def _own_logits(diag: torch.Tensor, s: torch.Tensor, own: torch.Tensor) -> torch
 def _safe(shift: torch.Tensor) -> torch.Tensor:
     """A shift for ``exp`` where every entry may have been ignored (``-inf``): 0 there."""
     return torch.where(torch.isinf(shift), torch.zeros_like(shift), shift)
+
+
+def _same(targets: Targets, row_ids, offset: int, b: int, c0: int, c1: int):
+    """``(same, where)`` of one chunk: the entries of the rows' items with the rows' own
+    pairs cleared, and where those own pairs are (:func:`.chunks.diag_slice`)."""
+    same = targets.same(row_ids, c0, c1)
+    where = diag_slice(offset, b, c0, c1, row_ids.device)
+    if where is not None:
+        same[where[0], where[1]] = False
+    return same, where
 
 
 def forward_with_targets(u, v, scale, offset, precision, chunk_size, targets: Targets):
@@ -55,32 +65,29 @@ def forward_with_targets(u, v, scale, offset, precision, chunk_size, targets: Ta
         stats.col_pos_max = torch.full((big,), _NEG_INF, **f32)
     if b == 0:
         return stats
-    uq, row_labels = cast_operand(u, precision), targets.labels[offset : offset + b]
+    uq, row_ids = cast_operand(u, precision), targets.rows(offset, b)
     row_max = torch.full((b,), _NEG_INF, **f32)
     row_neg, diag = torch.zeros(b, **f32), torch.empty(b, **f32)
     row_pos_max = torch.full((b,), _NEG_INF, **f32)
+    scratch = None
     for c0, c1 in column_chunks(b, big, chunk_size, u.device, _PER_LOGIT):
         dot = mm(uq, cast_operand(v[c0:c1], precision).T, precision)
-        s = dot * scale
-        own, same_off = _chunk_masks(targets, row_labels, offset, b, c0, c1)
-        diag = _own_logits(diag, s, own)
+        same_off, where = _same(targets, row_ids, offset, b, c0, c1)
+        scratch = reuse_buffer(scratch, dot)
         if positive:
-            at_target = torch.where(own | same_off, s, _NEG_INF)
-            row_pos_max = torch.maximum(row_pos_max, at_target.amax(1))
-            stats.col_pos_max[c0:c1] = at_target.amax(0)
-            # Each target against its row's and its column's own pair, formed as one
-            # difference each: their means are subtracted from logits of size ``scale``.
-            row_gap = torch.where(same_off, targets.pair_dot[offset : offset + b, None] - dot, 0.0)
-            stats.row_pos_gap += row_gap.sum(1)
-            col_ref = targets.pair_dot[c0:c1]
-            stats.col_pos_gap[c0:c1] = torch.where(same_off, col_ref[None, :] - dot, 0.0).sum(0)
-        else:
-            s = s.masked_fill(same_off, _NEG_INF)  # ignored: out of every sum and maximum
+            s = dot * scale
+            _add_target_sums(stats, targets, s, dot, same_off, where, offset, c0, c1, scratch)
+            row_pos_max = torch.maximum(row_pos_max, stats.row_pos_max)
+        else:  # ignored: out of every sum and maximum
+            s = dot.mul_(scale).masked_fill_(same_off, _NEG_INF)
+        if where is not None:
+            diag[where[0]] = s[where[0], where[1]]
         cmax = s.amax(0)
         stats.col_max[c0:c1] = cmax
-        stats.col_neg[c0:c1] = torch.exp(s - _safe(cmax)).masked_fill(own, 0.0).sum(0)
+        e = without_positives(torch.sub(s, _safe(cmax), out=scratch).exp_(), where)
+        stats.col_neg[c0:c1] = e.sum(0)
         new_max = torch.maximum(row_max, s.amax(1))
-        e = torch.exp(s - _safe(new_max)[:, None]).masked_fill(own, 0.0)
+        e = without_positives(torch.sub(s, _safe(new_max)[:, None], out=scratch).exp_(), where)
         row_neg = row_neg * torch.exp(row_max - _safe(new_max)) + e.sum(1)
         row_max = new_max
     stats.row_max, stats.row_neg, stats.diag = row_max, row_neg, diag
@@ -89,41 +96,68 @@ def forward_with_targets(u, v, scale, offset, precision, chunk_size, targets: Ta
     return stats
 
 
+def _add_target_sums(stats, targets, s, dot, same_off, where, offset, c0, c1, scratch):
+    """One chunk's part of the targets' sums: the largest logit at a target (its row's
+    into ``stats.row_pos_max``, as this chunk's), and each target's difference to its
+    row's and its column's own pair's similarity, one difference each: their means are
+    subtracted from logits of size ``scale``."""
+    b = s.shape[0]
+    at_target = s.masked_fill(~same_off, _NEG_INF)
+    if where is not None:
+        at_target[where[0], where[1]] = s[where[0], where[1]]
+    stats.row_pos_max = at_target.amax(1)
+    stats.col_pos_max[c0:c1] = at_target.amax(0)
+    gap = torch.sub(targets.pair_dot[offset : offset + b, None], dot, out=scratch)
+    stats.row_pos_gap += gap.mul_(same_off).sum(1)
+    gap = torch.sub(targets.pair_dot[None, c0:c1], dot, out=scratch)
+    stats.col_pos_gap[c0:c1] = gap.mul_(same_off).sum(0)
+
+
 def backward_with_targets(u, v, scale, offset, precision, chunk_size, terms: GradientTerms):
     """:meth:`.chunked.ChunkedKernels.backward` with labels: ``G`` is 0 at ignored pairs;
     with same-item positives it subtracts ``row_target[i] + col_target[j]`` at every
     target off the diagonal, and ``dscale`` measures each similarity against its row's
-    and its column's mean over their targets (``row_ref``, ``pair_dot``), the own pair's
+    and its column's mean over their targets (``row_ref``, ``col_ref``), the own pair's
     similarity standing at the diagonal (so a row with one target adds 0 there)."""
     b, big = u.shape[0], v.shape[0]
     du, dv, dscale = zero_grads(u, v)
     if b == 0:
         return du, dv, dscale
     targets, positive = terms.targets, not terms.targets.ignore
-    uq, row_labels = cast_operand(u, precision), targets.labels[offset : offset + b]
+    uq, row_ids = cast_operand(u, precision), targets.rows(offset, b)
     own_dot = terms.pair_dot[offset : offset + b]
     row_ref, col_ref = (terms.row_ref, terms.col_ref) if positive else (own_dot, terms.pair_dot)
+    g = scratch = tmp = None
     for c0, c1 in column_chunks(b, big, chunk_size, u.device, _PER_LOGIT):
         vq = cast_operand(v[c0:c1], precision)
         dot = mm(uq, vq.T, precision)
-        own, same_off = _chunk_masks(targets, row_labels, offset, b, c0, c1)
-        s = torch.where(own, terms.diag[:, None], dot * scale)
-        p_row = torch.exp(s - terms.row_shift[:, None]) * terms.row_coef[:, None]
-        p_col = torch.exp(s - terms.col_shift[None, c0:c1]) * terms.col_coef[None, c0:c1]
+        same_off, where = _same(targets, row_ids, offset, b, c0, c1)
+        g, scratch = reuse_buffer(g, dot), reuse_buffer(scratch, dot)
+        tmp = reuse_buffer(tmp, dot)
+        s = torch.mul(dot, scale, out=g)
+        if where is not None:
+            s[where[0], where[1]] = terms.diag[where[0]]
+        p_col = torch.sub(s, terms.col_shift[None, c0:c1], out=scratch).exp_()
+        p_col.mul_(terms.col_coef[None, c0:c1])
+        p_row = s.sub_(terms.row_shift[:, None]).exp_().mul_(terms.row_coef[:, None])
+        if positive:  # every target's term counts; the own pair's is 0 when it is alone
+            if where is not None:
+                dot[where[0], where[1]] = own_dot[where[0]]
+            keep = None
+        else:  # the own pair's term is left out, as without labels
+            p_row.masked_fill_(same_off, 0.0)
+            p_col.masked_fill_(same_off, 0.0)
+            keep = where
+        row_terms = torch.sub(dot, row_ref[:, None], out=tmp).mul_(p_row)
+        dscale += without_positives(row_terms, keep).sum()
+        col_terms = dot.sub_(col_ref[None, c0:c1]).mul_(p_col)
+        dscale += without_positives(col_terms, keep).sum()
+        g = p_row.add_(p_col)
+        if where is not None:
+            g[where[0], where[1]] -= terms.pos_weight[where[0]]
         if positive:
-            dot = torch.where(own, own_dot[:, None], dot)
-            row_terms = (dot - row_ref[:, None]) * p_row
-            col_terms = (dot - col_ref[None, c0:c1]) * p_col
-        else:
-            p_row, p_col = p_row.masked_fill(same_off, 0.0), p_col.masked_fill(same_off, 0.0)
-            row_terms = ((dot - row_ref[:, None]) * p_row).masked_fill(own, 0.0)
-            col_terms = ((dot - col_ref[None, c0:c1]) * p_col).masked_fill(own, 0.0)
-        dscale += row_terms.sum() + col_terms.sum()
-        g = p_row + p_col
-        g = g - own * terms.pos_weight[:, None]
-        if positive:
-            target = terms.row_target[:, None] + terms.col_target[None, c0:c1]
-            g = g - same_off * target
+            target = torch.add(terms.row_target[:, None], terms.col_target[None, c0:c1], out=tmp)
+            g.sub_(target.mul_(same_off))
         add_products(du, dv[c0:c1], cast_operand(g, precision), uq, vq, precision)
     return du.mul_(scale), dv.mul_(scale), dscale
 
@@ -147,7 +181,7 @@ def sigmoid_forward_with_targets(u, v, scale, bias, offset, precision, chunk_siz
     if b == 0:
         stats.row_pos_max = torch.empty(0, **f32)
         return stats
-    uq, row_labels = cast_operand(u, precision), targets.labels[offset : offset + b]
+    uq, row_labels = cast_operand(u, precision), targets.rows(offset, b)
     row_max, row_pos_max = (torch.full((b,), _NEG_INF, **f32) for _ in range(2))
     diag = torch.empty(b, **f32)
     pos, neg = torch.zeros((), **f32), torch.zeros((), **f32)
@@ -182,7 +216,7 @@ def sigmoid_backward_with_targets(
     dbias = dscale.clone()
     if b == 0:
         return du, dv, dscale, dbias
-    uq, row_labels = cast_operand(u, precision), targets.labels[offset : offset + b]
+    uq, row_labels = cast_operand(u, precision), targets.rows(offset, b)
     for c0, c1 in column_chunks(b, big, chunk_size, u.device, _PER_LOGIT):
         vq = cast_operand(v[c0:c1], precision)
         dot = mm(uq, vq.T, precision)

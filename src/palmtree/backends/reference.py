@@ -61,7 +61,7 @@ def _masks(targets: Targets | None, layout: Layout, n_columns: int, device):
     own = rows[:, None] == torch.arange(n_columns, device=device)[None, :]
     if targets is None:
         return own, None
-    return own, targets.same(targets.labels[offset : offset + b], 0, n_columns) & ~own
+    return own, targets.same(targets.rows(offset, b), 0, n_columns) & ~own
 
 
 def target_nll_sum(logits, own, same_off, targets: Targets | None, offset: int) -> torch.Tensor:
