@@ -44,7 +44,7 @@ test: $(STAMP)
 NUMERIC_TESTS := tests/test_loss.py tests/test_siglip.py tests/test_fused.py \
 	tests/test_distributed.py tests/test_compat_open_clip.py tests/test_accumulate.py \
 	tests/test_small_losses.py tests/test_accumulate_safety.py tests/test_fsdp2.py \
-	tests/test_compat_transformers.py
+	tests/test_compat_transformers.py tests/test_targets.py tests/test_accumulate_targets.py
 AVX2_CPU := OPENBLAS_CORETYPE=Haswell MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
 	NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
 AVX_CPU := OPENBLAS_CORETYPE=SandyBridge MKL_ENABLE_INSTRUCTIONS=AVX ATEN_CPU_CAPABILITY=default \

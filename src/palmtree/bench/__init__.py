@@ -9,6 +9,8 @@ pairs of width ``D``, in one process, checked against the float64 truth of
   skip reasons, the loss callable of each implementation and precision);
 * :mod:`~palmtree.bench.compiled`: ``chunked+compile``, the chunked loss inside
   ``torch.compile`` (compiled before timing, its compile time in the note);
+* :mod:`~palmtree.bench.targets`: ``--labels`` and ``--negatives`` (same-item labels,
+  extra negative texts), how a row names them, who cannot take them;
 * :mod:`~palmtree.bench.peers`: the other implementations (open_clip's ``ClipLoss`` and
   ``SigLipLoss``, Inf-CL);
 * :mod:`~palmtree.bench.measure`: timing, peak memory, out-of-memory, the worker process;

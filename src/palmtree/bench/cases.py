@@ -19,6 +19,8 @@ import torch
 from .. import clip_loss, siglip_loss, testing
 from ..backends import BACKENDS, CONCRETE_BACKENDS, fused_can_run, get_kernels
 from . import compiled, peers
+from .targets import NEGATIVES_SEED, NO_TARGETS, TargetSpec
+from .targets import skip_reason as targets_skip_reason
 
 #: What ``--backends`` may name: palmtree's backends, and the chunked one compiled.
 BENCH_BACKENDS = (*CONCRETE_BACKENDS, compiled.COMPILED)
@@ -51,14 +53,16 @@ SIGLIP_LOG_SCALE = math.log(10.0)
 SIGLIP_BIAS = -10.0
 
 
-def impl_label(impl: str, loss: str) -> str:
-    """The name of what a row measured: ``chunked`` (CLIP) or ``siglip:chunked``.
+def impl_label(impl: str, loss: str, targets: TargetSpec = NO_TARGETS) -> str:
+    """The name of what a row measured: ``chunked`` (CLIP), ``siglip:chunked``, and with
+    labels or extra negatives their suffix, ``chunked[labels=10]``
+    (:meth:`~palmtree.bench.targets.TargetSpec.tag`).
 
-    The CSV's ``impl`` column carries the loss this way, so that its columns stay those
-    of every CSV written before (no column to add, none to migrate) and every CLIP row is
-    what it always was.
+    The CSV's ``impl`` column carries the loss and the targets this way, so that its
+    columns stay those of every CSV written before (no column to add, none to migrate)
+    and every CLIP row without targets is what it always was.
     """
-    return impl if loss == "clip" else f"{loss}:{impl}"
+    return (impl if loss == "clip" else f"{loss}:{impl}") + targets.tag()
 
 
 def split_label(label: str) -> tuple[str, str]:
@@ -86,6 +90,13 @@ class Case:
     threads: int | None = None  # CPU threads (torch.set_num_threads)
     loss: str = "clip"  # one of palmtree.options.LOSSES
     logit_bias: float = SIGLIP_BIAS  # siglip only
+    labels: int = 0  # K: pair i's item is i % K; 0: no labels
+    same_label: str = "positive"
+    negatives: float = 0.0  # R: round(R * batch) extra negative text columns
+
+    @property
+    def targets(self) -> TargetSpec:
+        return TargetSpec(self.labels, self.same_label, self.negatives)
 
 
 def make_inputs(batch: int, dim: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +109,34 @@ def make_inputs(batch: int, dim: int, seed: int, device) -> tuple[torch.Tensor, 
     return img.to(device), txt.to(device)
 
 
-def skip_reason(impl: str, precision: str, device: torch.device, loss: str = "clip") -> str | None:
-    """Why a case cannot run here, decided before it is started; ``None`` if it can."""
+def make_targets(spec: TargetSpec, batch: int, dim: int, seed: int, device) -> dict:
+    """The loss's keyword arguments for ``spec``: ``labels`` (``[batch]`` int64, pair
+    ``i``'s id ``i % K``) and ``text_negatives`` (``[round(R * batch), dim]`` fp32, the
+    texts of ``testing.make_pairs`` at seed ``seed + NEGATIVES_SEED``, no gradient yet),
+    each only where ``spec`` asks for it; drawn as :func:`make_inputs` draws the pairs."""
+    extras = {}
+    if spec.labels:
+        extras["labels"] = (torch.arange(batch) % spec.labels).to(device)
+    if spec.negatives:
+        n = spec.n_negatives(batch)
+        _, neg = testing.make_pairs(n, dim, seed + NEGATIVES_SEED, noise=NOISE)
+        extras["text_negatives"] = neg.to(device)
+    return extras
+
+
+def skip_reason(
+    impl: str,
+    precision: str,
+    device: torch.device,
+    loss: str = "clip",
+    targets: TargetSpec = NO_TARGETS,
+) -> str | None:
+    """Why a case cannot run here, decided before it is started; ``None`` if it can.
+
+    What the run's targets rule out comes first: it holds on every machine."""
+    why = targets_skip_reason(impl, targets)
+    if why is not None:
+        return why
     if impl == compiled.COMPILED:
         return compiled.skip_reason(device)
     if impl in BACKENDS:
@@ -158,14 +195,16 @@ def scalar_leaves(case: Case, device: torch.device) -> list[torch.Tensor]:
 #: The names of the gradients of :func:`scalar_leaves`, per loss.
 SCALAR_GRADS = {"clip": ("d_scale",), "siglip": ("d_scale", "d_bias")}
 
-#: ``loss(img, txt, *scalar_leaves)``: the scalar loss to backpropagate.
+#: ``loss(img, txt, *scalar_leaves, **make_targets(...))``: the scalar loss to backpropagate.
 LossFn = Callable[..., torch.Tensor]
 
 
 def loss_fn(case: Case) -> LossFn:
-    """``loss(img, txt, *scalars)`` of ``case.impl`` for ``case.loss``, its imports done now
-    (not timed); ``scalars`` are :func:`scalar_leaves`. ``chunked+compile`` is chunked's
-    loss handed to :func:`~palmtree.bench.compiled.compile_loss` (compiled on first call)."""
+    """``loss(img, txt, *scalars, **extras)`` of ``case.impl`` for ``case.loss``, its imports
+    done now (not timed); ``scalars`` are :func:`scalar_leaves`, ``extras`` the keywords of
+    :func:`make_targets` (palmtree's backends only: the peers take none, and are skipped
+    when a run has targets). ``chunked+compile`` is chunked's loss handed to
+    :func:`~palmtree.bench.compiled.compile_loss` (compiled on first call)."""
     if case.impl == compiled.COMPILED:
         return compiled.compile_loss(_palmtree_loss(case, "chunked"))
     if case.impl in BACKENDS:
@@ -188,6 +227,12 @@ def _palmtree_loss(case: Case, backend: str) -> LossFn:
         chunk_size=case.chunk_size,
         logit_scale_max=SCALE_CAP,
     )
+    if case.labels:
+        options["same_label"] = case.same_label
     if case.loss == "siglip":
-        return lambda img, txt, *scalars: siglip_loss(img, txt, *scalars, **options).loss
-    return lambda img, txt, log_scale: clip_loss(img, txt, log_scale, **options).loss
+        return lambda img, txt, *scalars, **extras: (
+            siglip_loss(img, txt, *scalars, **extras, **options).loss
+        )
+    return lambda img, txt, log_scale, **extras: (
+        clip_loss(img, txt, log_scale, **extras, **options).loss
+    )

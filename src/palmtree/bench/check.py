@@ -2,10 +2,12 @@
 
 ``loss_diff = |loss - L| / |L|`` (``|loss - L|`` where ``L`` is 0, as the CLIP loss of
 one pair is) and ``grad_diff``, the largest of ``max|g - g*| / max|g*|``
-over the image features, the text features, the log-temperature and (SigLIP) the bias,
-where ``L, g*`` come from :func:`palmtree.testing.clip_truth` (CLIP, on the bench's
-device) or :func:`palmtree.testing.siglip_truth` (SigLIP, on the CPU) on the same
-inputs, computed once per ``(B, D)``.
+over the image features, the text features, the extra negatives (``--negatives``), the
+log-temperature and (SigLIP) the bias, where ``L, g*`` come from
+:func:`palmtree.testing.clip_truth` (CLIP, on the bench's device) or
+:func:`palmtree.testing.siglip_truth` (SigLIP, on the CPU) on the same inputs, the same
+labels and the same negatives (:func:`~palmtree.bench.cases.make_targets`), computed once
+per ``(B, D)``.
 
 The truth also bounds the error that an fp32 computation of the loss and of the
 gradients of the scalar inputs may have (docs/design.md, "What exact means"); a row's
@@ -24,7 +26,8 @@ from pathlib import Path
 import torch
 
 from .. import testing
-from .cases import SCALAR_GRADS, SCALE_CAP, SIGLIP_BIAS, make_inputs
+from .cases import SCALAR_GRADS, SCALE_CAP, SIGLIP_BIAS, make_inputs, make_targets
+from .targets import NO_TARGETS, TargetSpec
 
 #: How a row's note begins when its loss and temperature gradient are within the bounds,
 #: and when one of them is not.
@@ -39,28 +42,48 @@ def truth(
     precision: str,
     loss: str = "clip",
     logit_bias: float = SIGLIP_BIAS,
+    extras: dict | None = None,
+    same_label: str = "positive",
 ) -> dict:
     """The float64 loss and gradients of ``img, txt`` and the fp32 bounds, for ``loss``.
 
-    Keys: ``loss``, the gradients ``d_img``, ``d_txt`` and those of the scalar inputs
-    (``d_scale``, and ``d_bias`` for ``siglip``: :data:`~.cases.SCALAR_GRADS`), each
-    scalar's ``<name>_bound``, ``precision`` and ``loss_kind``; tensors on the CPU. The
-    CLIP truth runs on the inputs' device, on CUDA in row blocks of 256 MB (the default
-    blocks of 32 MB would mean thousands of small launches at the GPU sizes);
-    ``testing.siglip_truth`` runs on the CPU.
+    ``extras`` are the loss's ``labels`` and ``text_negatives``
+    (:func:`~palmtree.bench.cases.make_targets`), counted as ``same_label`` says. Keys:
+    ``loss``, the gradients ``d_img``, ``d_txt``, ``d_neg`` (with negatives) and those of
+    the scalar inputs (``d_scale``, and ``d_bias`` for ``siglip``:
+    :data:`~.cases.SCALAR_GRADS`), each scalar's ``<name>_bound``, ``precision`` and
+    ``loss_kind``; tensors on the CPU. The CLIP truth runs on the inputs' device, on CUDA
+    in row blocks of 256 MB (the default blocks of 32 MB would mean thousands of small
+    launches at the GPU sizes); ``testing.siglip_truth`` runs on the CPU.
     """
+    extras = extras or {}
+    labels, neg = extras.get("labels"), extras.get("text_negatives")
+    targets = dict(labels=labels, same_label=same_label, negatives=neg)
     if loss == "siglip":
         img, txt = img.cpu(), txt.cpu()
+        targets.update({k: v.cpu() for k, v in targets.items() if isinstance(v, torch.Tensor)})
         ref = testing.siglip_truth(
-            img, txt, log_scale, logit_bias, logit_scale_max=SCALE_CAP, precision=precision
+            img,
+            txt,
+            log_scale,
+            logit_bias,
+            logit_scale_max=SCALE_CAP,
+            precision=precision,
+            **targets,
         )
     else:
-        big = max(len(img), 1)
+        big = max(len(img) + (0 if neg is None else len(neg)), 1)
         block = max(1, (1 << 25) // big) if img.is_cuda else None
         ref = testing.clip_truth(
-            img, txt, log_scale, logit_scale_max=SCALE_CAP, precision=precision, block=block
+            img,
+            txt,
+            log_scale,
+            logit_scale_max=SCALE_CAP,
+            precision=precision,
+            block=block,
+            **targets,
         )
-    names = ("loss", "d_img", "d_txt", *SCALAR_GRADS[loss])
+    names = ("loss", "d_img", "d_txt", *SCALAR_GRADS[loss], *(() if neg is None else ("d_neg",)))
     out = {k: getattr(ref, k).cpu() for k in names}
     out.update({f"{k}_bound": getattr(ref, f"{k}_bound") for k in ("loss", *SCALAR_GRADS[loss])})
     out.update(precision=precision, loss_kind=loss)
@@ -73,7 +96,8 @@ class Oracles:
     Kept in memory (``files=None``) or in a file per ``(B, D)`` under ``files``, which
     worker processes load once their memory has been measured. ``precision`` is the one
     whose bounds are computed; ``None`` turns the check off (``--no-check``). ``loss``
-    and ``logit_bias`` say which loss (:func:`truth`).
+    and ``logit_bias`` say which loss, ``targets`` the labels and negatives
+    (:func:`truth`).
     """
 
     def __init__(
@@ -85,10 +109,11 @@ class Oracles:
         files: Path | None,
         loss: str = "clip",
         logit_bias: float = SIGLIP_BIAS,
+        targets: TargetSpec = NO_TARGETS,
     ):
         self.device, self.seed, self.log_scale = device, seed, log_scale
         self.precision, self.files = precision, files
-        self.loss, self.logit_bias = loss, logit_bias
+        self.loss, self.logit_bias, self.targets = loss, logit_bias, targets
         self.cache: dict[tuple[int, int], tuple[dict | None, str | None]] = {}
 
     def get(self, batch: int, dim: int) -> tuple[dict | None, str | None]:
@@ -97,8 +122,18 @@ class Oracles:
             return None, None
         if (batch, dim) not in self.cache:
             img, txt = make_inputs(batch, dim, self.seed, self.device)
-            exact = truth(img, txt, self.log_scale, self.precision, self.loss, self.logit_bias)
-            del img, txt
+            extras = make_targets(self.targets, batch, dim, self.seed, self.device)
+            exact = truth(
+                img,
+                txt,
+                self.log_scale,
+                self.precision,
+                self.loss,
+                self.logit_bias,
+                extras,
+                self.targets.same_label,
+            )
+            del img, txt, extras
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if self.files is None:
@@ -118,11 +153,14 @@ def bound_precision(precisions: list[str]) -> str:
 def compare(precision: str, loss, grads: dict, exact: dict) -> dict:
     """``loss_diff``, ``grad_diff`` and the bounds' verdict (``note``) of one case.
 
-    ``grads`` maps ``d_img``, ``d_txt`` and the scalar inputs' gradient names to the
-    case's gradients; ``exact`` is :func:`truth`'s dict.
+    ``grads`` maps ``d_img``, ``d_txt``, ``d_neg`` (with negatives) and the scalar inputs'
+    gradient names to the case's gradients; ``exact`` is :func:`truth`'s dict. No
+    negatives (``round(R * B) = 0``) have no gradient to compare.
     """
     loss, loss_exact = torch.as_tensor(loss).detach(), float(exact["loss"])
     names = ("d_img", "d_txt", *SCALAR_GRADS[exact["loss_kind"]])
+    if "d_neg" in exact and exact["d_neg"].numel():
+        names += ("d_neg",)
     out = dict(
         loss_diff=_relative(abs(float(loss) - loss_exact), loss_exact),
         grad_diff=max(_rel_max(grads[k], exact[k]) for k in names),

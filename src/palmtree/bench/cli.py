@@ -34,6 +34,7 @@ from .measure import one_line, worker
 from .options import LOG_SCALES, build_parser
 from .report import write_report
 from .sweep import Sweep, run_sweep
+from .targets import TargetSpec, skip_reason
 
 #: The flags that name lists, which must not name a value twice.
 _LISTS = ("batch_sizes", "dims", "backends", "precisions", "peers")
@@ -91,6 +92,8 @@ def _problem(args: argparse.Namespace, device: torch.device) -> str | None:
         return "nothing to measure: --backends and --peers name no implementation"
     if args.logit_bias is not None and args.loss != "siglip":
         return "--logit-bias is the sigmoid loss's bias: it needs --loss siglip"
+    if args.same_label is not None and not args.labels:
+        return "--same-label says how pairs of one item count: it needs --labels K"
     if args.mem_limit_mb is not None and device.type != "cpu":
         return "--mem-limit-mb caps CPU worker processes: it needs --device cpu"
     if args.mem_limit_mb is not None and args.isolate == "none":
@@ -139,10 +142,11 @@ def _measure(sweep: Sweep, csv_path: Path, written: list[tuple]) -> None:
         palmtree_version=__version__,
     )
     where = f"{common['device']}, torch {torch.__version__}, isolate={sweep.isolate}"
-    print(f"palmtree bench on {where}, loss {sweep.loss}")
+    targets = sweep.targets.describe()
+    print(f"palmtree bench on {where}, loss {sweep.loss}" + (f", {targets}" if targets else ""))
     versions = {impl: _impl_version(impl) for impl in sweep.impls}
     for (dim, batch, impl, precision), result in run_sweep(sweep):
-        label = impl_label(impl, sweep.loss)
+        label = impl_label(impl, sweep.loss, sweep.targets)
         row = dict(common, impl=label, impl_version=versions[impl], precision=precision)
         append_row(csv_path, dict(row, batch=batch, dim=dim, **result))
         written.append((dim, batch, impl, precision))
@@ -153,20 +157,13 @@ def _sweep(args: argparse.Namespace, device: torch.device) -> Sweep:
     defaults = dict(DEFAULTS[device.type])
     if args.quick:
         defaults.update(QUICK)
-    backends = args.backends
-    if backends is None:
-        backends = ["reference", "chunked"]
-        backends += [COMPILED] if device.type == "cuda" and triton_available() else []
-        backends += ["fused"] if fused_can_run(device) else []
-    impl_peers = args.peers
-    if impl_peers is None:
-        impl_peers = [p for p in peers.PEERS if peers.peer_status(p, device, args.loss) is None]
+    targets = TargetSpec(args.labels, args.same_label or "positive", args.negatives)
     precisions = args.precisions or defaults["precisions"]
     return Sweep(
         device=device,
         batch_sizes=args.batch_sizes or defaults["batch_sizes"],
         dims=args.dims or defaults["dims"],
-        impls=[*backends, *impl_peers],
+        impls=_impls(args, device, targets),
         precisions=precisions,
         repeats=args.repeats if args.repeats is not None else defaults["repeats"],
         warmup=args.warmup if args.warmup is not None else defaults["warmup"],
@@ -181,7 +178,27 @@ def _sweep(args: argparse.Namespace, device: torch.device) -> Sweep:
         case_timeout=args.case_timeout,
         loss=args.loss,
         logit_bias=SIGLIP_BIAS if args.logit_bias is None else args.logit_bias,
+        targets=targets,
     )
+
+
+def _impls(args: argparse.Namespace, device: torch.device, targets: TargetSpec) -> list[str]:
+    """The implementations named, or by default those that can run here with ``targets``
+    (a named one that cannot is a skip row with the reason)."""
+    backends = args.backends
+    if backends is None:
+        backends = ["reference", "chunked"]
+        backends += [COMPILED] if device.type == "cuda" and triton_available() else []
+        backends += ["fused"] if fused_can_run(device) else []
+        backends = [b for b in backends if skip_reason(b, targets) is None]
+    impl_peers = args.peers
+    if impl_peers is None:
+        impl_peers = [
+            p
+            for p in peers.PEERS
+            if peers.peer_status(p, device, args.loss) is None and skip_reason(p, targets) is None
+        ]
+    return [*backends, *impl_peers]
 
 
 def _impl_version(impl: str) -> str:

@@ -61,21 +61,26 @@ def compile_loss(fn):
     return torch.compile(fn, dynamic=DYNAMIC)
 
 
-def first_call(fn, leaves: tuple[torch.Tensor, ...], device: torch.device) -> dict:
-    """One forward and backward of the compiled ``fn`` on ``leaves``, which compiles it.
+def first_call(
+    fn, leaves: tuple[torch.Tensor, ...], device: torch.device, extras: dict | None = None
+) -> dict:
+    """One forward and backward of the compiled ``fn`` on ``leaves`` (and the keywords
+    ``extras``: labels, extra negatives), which compiles it.
 
     Returns ``compile_s`` (its seconds, the run's own work included) and ``graphs`` (how
-    many graphs Dynamo compiled); the leaves' gradients are reset to ``None``.
+    many graphs Dynamo compiled); the gradients of the leaves and extras are reset to
+    ``None``.
     """
     from torch._dynamo.utils import counters
 
+    extras = extras or {}
     counters.clear()
     t0 = time.perf_counter()
-    fn(*leaves).backward()
+    fn(*leaves, **extras).backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    for t in leaves:
+    for t in (*leaves, *extras.values()):
         t.grad = None
     return dict(compile_s=seconds, graphs=int(counters["stats"]["unique_graphs"]))
 

@@ -33,7 +33,15 @@ from pathlib import Path
 import torch
 
 from . import compiled
-from .cases import SCALAR_GRADS, Case, case_context, loss_fn, make_inputs, scalar_leaves
+from .cases import (
+    SCALAR_GRADS,
+    Case,
+    case_context,
+    loss_fn,
+    make_inputs,
+    make_targets,
+    scalar_leaves,
+)
 from .check import compare
 
 #: Marks the worker's result line on its stdout (anything else there is ignored).
@@ -143,21 +151,24 @@ def _measure(case: Case, device: torch.device, oracle: dict | None) -> dict:
     result = dict(median_ms=None, min_ms=None, peak_mb=None, loss=None)
     result.update(loss_diff=None, grad_diff=None, status="ok", note="")
     img, txt = make_inputs(case.batch, case.dim, case.seed, device)
-    img.requires_grad_()
-    txt.requires_grad_()
+    extras = make_targets(case.targets, case.batch, case.dim, case.seed, device)
+    neg = extras.get("text_negatives")
     scalars = scalar_leaves(case, device)
     leaves = (img, txt, *scalars)
+    graded = (img, txt, *([] if neg is None else [neg]))  # the tensors with gradients
+    for t in graded:
+        t.requires_grad_()
     fn = loss_fn(case)
 
     def step() -> torch.Tensor:
-        for t in leaves:
+        for t in (*graded, *scalars):
             t.grad = None
-        loss = fn(img, txt, *scalars)
+        loss = fn(img, txt, *scalars, **extras)
         loss.backward()
         return loss.detach()
 
     try:
-        result.update(_first_call(case, fn, leaves, device))
+        result.update(_first_call(case, fn, leaves, extras, device))
         times, peak_mb, loss = _timed_runs(case, device, step)
     except Exception as exc:  # running out of memory is a result, not a crash
         if not is_oom(exc):
@@ -172,23 +183,29 @@ def _measure(case: Case, device: torch.device, oracle: dict | None) -> dict:
     if oracle is not None:
         grads = dict(d_img=img.grad, d_txt=txt.grad)
         grads.update(zip(SCALAR_GRADS[case.loss], (t.grad for t in scalars), strict=True))
+        if neg is not None:
+            grads["d_neg"] = neg.grad
         result.update(compare(case.precision, loss, grads, oracle))
     if not math.isfinite(result["loss"]):
         result.update(status="error", note="non-finite loss")
     return result
 
 
-def _first_call(case: Case, fn, leaves: tuple, device: torch.device) -> dict:
+def _first_call(case: Case, fn, leaves: tuple, extras: dict, device: torch.device) -> dict:
     """One call before anything is measured, so that lazy one-time state (thread pools,
     kernel caches, Triton compilation) counts neither as time nor as the loss's memory:
-    on 8 pairs, or for ``chunked+compile`` at the case's own shape, which compiles it
-    (its time is then the row's compile time, :func:`~palmtree.bench.compiled.first_call`).
+    on 8 pairs (and the first 8 labels and negatives), or for ``chunked+compile`` at the
+    case's own shape, which compiles it (its time is then the row's compile time,
+    :func:`~palmtree.bench.compiled.first_call`).
     """
     if case.impl == compiled.COMPILED:
-        return compiled.first_call(fn, leaves, device)
+        return compiled.first_call(fn, leaves, device, extras)
     img, txt, *scalars = leaves
     tiny = [t.detach()[:8].clone().requires_grad_() for t in (img, txt)]
-    fn(*tiny, *scalars).backward()
+    few = {
+        k: v.detach()[:8].clone().requires_grad_(v.is_floating_point()) for k, v in extras.items()
+    }
+    fn(*tiny, *scalars, **few).backward()
     for t in scalars:
         t.grad = None
     return {}

@@ -17,6 +17,7 @@ import torch
 
 from ..options import LOSSES
 from ..precision import PRECISIONS
+from ..targets import SAME_LABEL
 from . import peers
 from .cases import BENCH_BACKENDS, DEFAULTS, LOG_SCALE, QUICK, SIGLIP_BIAS, SIGLIP_LOG_SCALE
 from .compiled import COMPILED
@@ -68,6 +69,8 @@ _log_scale = _checked(
     "(the temperature from float32's smallest normal number to palmtree's cap, which the "
     "peers do not apply)",
 )
+_labels = _checked(int, lambda v: v >= 1, "must be an integer >= 1 (leave it out for no labels)")
+_ratio = _checked(float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
 _bias = _checked(float, lambda v: abs(v) <= _FLOAT32_MAX, "must be a finite float32 number")
 _stem = _checked(
     str,
@@ -99,6 +102,7 @@ def build_parser() -> Parser:
         "appends one CSV row per case as it ends, then redraws a table and a log-log plot.",
     )
     _what_flags(p)
+    _target_flags(p)
     _how_flags(p)
     _output_flags(p)
     p.add_argument("--case", help=argparse.SUPPRESS)
@@ -152,6 +156,34 @@ def _what_flags(p: Parser) -> None:
         "initial value)",
     )
     p.add_argument("--seed", type=_seed, default=0, help="seed of the inputs (default 0)")
+
+
+def _target_flags(p: Parser) -> None:
+    p.add_argument(
+        "--labels",
+        type=_labels,
+        default=0,
+        metavar="K",
+        help="same-item labels for every case: pair i's id is i %% K, so each item has about "
+        "B/K pairs spread over the batch; K >= 1 (1: one item). The peers take none, nor "
+        "does fused yet: left out by default, skip rows when named. Default 0: off, every "
+        "pair its own item",
+    )
+    p.add_argument(
+        "--same-label",
+        choices=SAME_LABEL,
+        help="with --labels: positive, the pairs of one item are each other's targets; "
+        "ignore, they leave the loss (the own pair the only target). Default positive",
+    )
+    p.add_argument(
+        "--negatives",
+        type=_ratio,
+        default=0.0,
+        metavar="R",
+        help="round(R*B) extra negative text columns for every case (1: as many as pairs), "
+        "drawn like the texts from another seed, fp32; the peers take none: left out by "
+        "default, skip rows when named. Default 0: none",
+    )
 
 
 def _how_flags(p: Parser) -> None:

@@ -21,6 +21,7 @@ from . import compiled
 from .cases import impl_label, split_label
 from .check import OUTSIDE
 from .csvfile import csv_rows, latest_run
+from .targets import split_tag
 
 #: How a time ratio is judged, said under the ratios in the ``.md`` file.
 RATIO_RULE = (
@@ -169,19 +170,20 @@ COMPILED_BASELINES = ("chunked", *BASELINES)
 
 def target_summary(rows: list[dict]) -> list[str]:
     """chunked (and fused) against each of :data:`BASELINES`, and chunked+compile against
-    :data:`COMPILED_BASELINES` (same loss, precision, B and D), wherever both ran: memory
-    and time ratios."""
+    :data:`COMPILED_BASELINES` (same loss, targets, precision, B and D), wherever both
+    ran: memory and time ratios."""
     ok = {(r["impl"], r["precision"], r["batch"], r["dim"]): r for r in rows if r["status"] == "ok"}
     lines = []
     for (label, prec, b, d), r in sorted(ok.items(), key=lambda kv: (kv[0][1], int(kv[0][2]))):
-        loss, impl = split_label(label)
+        head, tag = split_tag(label)
+        loss, impl = split_label(head)
         if impl not in (*BACKENDS, compiled.COMPILED) or impl == "reference":
             continue
         for base in COMPILED_BASELINES if impl == compiled.COMPILED else BASELINES:
-            other = ok.get((impl_label(base, loss), prec, b, d))
+            name = impl_label(base, loss) + tag
+            other = ok.get((name, prec, b, d))
             if other is not None:
-                lines.append(f"{label} / {impl_label(base, loss)} ({prec}, B={b}, D={d}): ")
-                lines[-1] += _ratios(r, other)
+                lines.append(f"{label} / {name} ({prec}, B={b}, D={d}): " + _ratios(r, other))
     return lines
 
 

@@ -24,6 +24,7 @@ from .check import OUTSIDE, Oracles
 from .compiled import compile_note
 from .measure import one_line, run_case, run_case_in_process, timing
 from .report import percent
+from .targets import NO_TARGETS, TargetSpec
 
 #: A case of the plan: ``(dim, batch, impl, precision)``.
 Key = tuple[int, int, str, str]
@@ -51,6 +52,7 @@ class Sweep:
     case_timeout: float | None = None
     loss: str = "clip"  # one of palmtree.options.LOSSES
     logit_bias: float = SIGLIP_BIAS  # siglip only
+    targets: TargetSpec = NO_TARGETS  # every case's labels and extra negatives
 
     def plan(self) -> list[Key]:
         """Every case, in the order run: by ``D``, then ``B``, then implementation."""
@@ -80,6 +82,9 @@ class Sweep:
             threads=self.threads,
             loss=self.loss,
             logit_bias=self.logit_bias,
+            labels=self.targets.labels,
+            same_label=self.targets.same_label,
+            negatives=self.targets.negatives,
         )
 
 
@@ -127,6 +132,7 @@ def _oracles(sweep: Sweep, files: Path | None) -> Oracles:
         files,
         sweep.loss,
         sweep.logit_bias,
+        sweep.targets,
     )
 
 
@@ -138,7 +144,7 @@ def _interrupted(results: list[dict], rounds: int) -> dict:
 
 
 def _run_one(case: Case, sweep: Sweep, oracle: dict | None, oomed: dict) -> dict:
-    why = skip_reason(case.impl, case.precision, sweep.device, case.loss)
+    why = skip_reason(case.impl, case.precision, sweep.device, case.loss, case.targets)
     if why is not None:
         return dict(status="skip", note=why)
     smaller = oomed.get((case.impl, case.precision, case.dim))
@@ -185,7 +191,7 @@ def combine_rounds(results: list[dict]) -> dict:
 
 def print_case(prefix: str, case: Case, row: dict) -> None:
     """One line per case as it finishes."""
-    impl = impl_label(case.impl, case.loss)
+    impl = impl_label(case.impl, case.loss, case.targets)
     what = f"{prefix}{impl:>16} {case.precision:<5} B={case.batch:<7} D={case.dim:<5}"
     if row["status"] != "ok":
         print(f"{what} {row['status']}: {row.get('note', '')}", flush=True)
