@@ -22,6 +22,7 @@ import torch
 from .backends.base import ForwardStats, GradientTerms
 from .distributed import Layout
 from .targets import Targets
+from .tracing import compiling
 
 
 @dataclass
@@ -90,3 +91,12 @@ def gradient_terms(
     pos_weight = row_target + col_target[own]
     means = (row_dot, col_dot, row_target, col_target)
     return GradientTerms(*rows, pos_weight, diag, pair_dot, targets, *means)
+
+
+def pairs_hint(negatives, targets, B) -> dict:
+    """``{"pairs": B}`` for the chunked passes without labels when there are extra
+    negatives: their columns need no statistics of their own. Not under ``torch.compile``,
+    where ``B`` may be a value the graph reads at run time."""
+    if negatives is None or targets is not None or compiling():
+        return {}
+    return {"pairs": B}

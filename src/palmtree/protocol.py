@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends.base import ForwardStats, Kernels
-from .clip_terms import gradient_terms, padded, target_means
+from .clip_terms import gradient_terms, padded, pairs_hint, target_means
 from .collectives import all_gather_scalar, all_reduce, gather_rows, reduce_scatter_rows
 from .distributed import Layout
 from .normalize import unit_rows, unit_rows_backward
@@ -69,8 +69,9 @@ def pair_dots(u: torch.Tensor, v: torch.Tensor, precision: str) -> torch.Tensor:
 def complete_columns(stats: ForwardStats, pairs: torch.Tensor, layout: Layout):
     """Global column ``(max, negatives' sum, sum)`` of the ``B`` pairs' columns from every
     rank's partials, every global pair's similarity from each rank's ``pairs``
-    (:func:`pair_dots`), and, with same-item positives, the columns' ``(sum of U V^T over
-    their other targets, largest logit at a target)`` (else ``None, None``).
+    (:func:`pair_dots`), and, with same-item positives, the columns' ``(sum over their
+    other targets of the own pair's similarity less the target's, largest logit at a
+    target)`` (else ``None, None``).
 
     One MAX all-reduce, then one SUM all-reduce: each rank adds its own columns' positives
     (which only it computed) to the full sums, and its pairs' similarities to zeros.
@@ -159,8 +160,9 @@ class SinglePassLoss(torch.autograd.Function):
         if targets is not None and not targets.ignore:  # what the positives are measured by
             every = padded(gather_rows(pairs, layout), ctx.extra)
             targets = dataclasses.replace(targets, pair_dot=every)
+        ctx.pairs = pairs_hint(negatives, targets, B)
         stats = opts.kernels.forward(
-            u, v_cols, scale, offset, opts.precision, opts.chunk_size, targets
+            u, v_cols, scale, offset, opts.precision, opts.chunk_size, targets, **ctx.pairs
         )
         col_max, col_neg, col_sum, pair_dot, col_pos_gap, col_pos_max = complete_columns(
             stats, pairs, layout
@@ -218,7 +220,7 @@ class SinglePassLoss(torch.autograd.Function):
         weights = upstream * (layout.world_size / (2 * layout.b_global))
         terms = gradient_terms(opts.targets, layout, weights, ctx.saved_tensors, ctx.extra)
         du, dv_partial, dscale = opts.kernels.backward(
-            u, v_cols, scale, layout.offset, opts.precision, opts.chunk_size, terms
+            u, v_cols, scale, layout.offset, opts.precision, opts.chunk_size, terms, **ctx.pairs
         )
         du, dv, dn = _input_grads(ctx, layout, du, dv_partial, u, v_cols)
         return du, dv, dn, dscale.reshape(scale.shape), None

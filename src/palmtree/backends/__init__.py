@@ -111,11 +111,11 @@ class FusedOrChunked:
 
         self.fused, self.chunked = fused, ChunkedKernels()
 
-    def forward(self, *args):
-        return self._call("forward", *args)
+    def forward(self, *args, **kwargs):
+        return self._call("forward", *args, **kwargs)
 
-    def backward(self, *args):
-        return self._call("backward", *args)
+    def backward(self, *args, **kwargs):
+        return self._call("backward", *args, **kwargs)
 
     def sigmoid_forward(self, *args):
         return self._call("sigmoid_forward", *args)
@@ -123,10 +123,10 @@ class FusedOrChunked:
     def sigmoid_backward(self, *args):
         return self._call("sigmoid_backward", *args)
 
-    def _call(self, method: str, *args):
+    def _call(self, method: str, *args, **kwargs):
         if FusedOrChunked.failure is None:
             try:
-                return getattr(self.fused, method)(*args)
+                return getattr(self.fused, method)(*args, **kwargs)
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # Triton's compile and launch errors have no common base
@@ -137,4 +137,4 @@ class FusedOrChunked:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        return getattr(self.chunked, method)(*args)
+        return getattr(self.chunked, method)(*args, **kwargs)

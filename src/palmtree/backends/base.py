@@ -162,6 +162,7 @@ class Kernels(Protocol):
         precision: str,
         chunk_size: int | None,
         targets: Targets | None = None,
+        pairs: int | None = None,
     ) -> ForwardStats: ...
 
     def backward(
@@ -173,8 +174,11 @@ class Kernels(Protocol):
         precision: str,
         chunk_size: int | None,
         terms: GradientTerms,
+        pairs: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns ``(dU [b, D], dV_partial [B, D], dscale [])``, all fp32."""
+        """Returns ``(dU [b, D], dV_partial [B, D], dscale [])``, all fp32. ``pairs``: a
+        hint that the columns from ``pairs`` on are extra negatives, whose column part is
+        0 (a backend may skip it, and their column statistics in ``forward``)."""
         ...
 
 

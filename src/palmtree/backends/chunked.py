@@ -19,13 +19,22 @@ from .chunked_targets import (
     sigmoid_backward_with_targets,
     sigmoid_forward_with_targets,
 )
-from .chunks import add_products, column_chunks, diag_slice, reuse_buffer, without_positives
+from .chunks import (
+    add_products,
+    column_chunks,
+    diag_slice,
+    reuse_buffer,
+    split_chunks,
+    without_positives,
+)
 
 
 class ChunkedKernels:
     name = "chunked"
 
-    def forward(self, u, v, scale, offset, precision, chunk_size, targets=None) -> ForwardStats:
+    def forward(
+        self, u, v, scale, offset, precision, chunk_size, targets=None, pairs=None
+    ) -> ForwardStats:
         b, big = u.shape[0], v.shape[0]
         stats = ForwardStats.empty(big, u.device)  # column partials are filled in below
         if targets is not None:
@@ -39,16 +48,18 @@ class ChunkedKernels:
         row_neg = torch.zeros(b, **f32)
         diag = torch.empty(b, **f32)
         scratch = None
-        for c0, c1 in column_chunks(b, big, chunk_size, u.device):
+        for c0, c1 in split_chunks(b, big, chunk_size, u.device, pairs):
             s = mm(uq, cast_operand(v[c0:c1], precision).T, precision).mul_(scale)
             scratch = reuse_buffer(scratch, s)
             where = diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
                 diag[where[0]] = s[where[0], where[1]]
-            # Columns: complete over the local rows within this one chunk.
-            cmax = s.amax(0)
-            col_max[c0:c1] = cmax
-            col_neg[c0:c1] = without_positives(torch.sub(s, cmax, out=scratch).exp_(), where).sum(0)
+            if pairs is None or c0 < pairs:  # no softmax runs down an extra negative's column
+                # Columns: complete over the local rows within this one chunk.
+                cmax = s.amax(0)
+                col_max[c0:c1] = cmax
+                e = without_positives(torch.sub(s, cmax, out=scratch).exp_(), where)
+                col_neg[c0:c1] = e.sum(0)
             # Rows: online rescaling across chunks.
             new_max = torch.maximum(row_max, s.amax(1))
             e = without_positives(torch.sub(s, new_max[:, None], out=scratch).exp_(), where)
@@ -56,7 +67,9 @@ class ChunkedKernels:
             row_max = new_max
         return ForwardStats(row_max, row_neg, col_max, col_neg, diag)
 
-    def backward(self, u, v, scale, offset, precision, chunk_size, terms: GradientTerms):
+    def backward(
+        self, u, v, scale, offset, precision, chunk_size, terms: GradientTerms, pairs=None
+    ):
         b, big = u.shape[0], v.shape[0]
         if terms.targets is not None:
             return backward_with_targets(u, v, scale, offset, precision, chunk_size, terms)
@@ -67,7 +80,7 @@ class ChunkedKernels:
         row_shift, row_coef = terms.row_shift[:, None], terms.row_coef[:, None]
         row_dot = terms.pair_dot[offset : offset + b, None]
         g = scratch = tmp = None
-        for c0, c1 in column_chunks(b, big, chunk_size, u.device):
+        for c0, c1 in split_chunks(b, big, chunk_size, u.device, pairs):
             vq = cast_operand(v[c0:c1], precision)
             # The same call and shapes as the forward, so S rounds as it did there.
             dot = mm(uq, vq.T, precision)
@@ -80,17 +93,21 @@ class ChunkedKernels:
             where = diag_slice(offset, b, c0, c1, u.device)
             if where is not None:
                 s[where[0], where[1]] = terms.diag[where[0]]
-            p_col = torch.sub(s, terms.col_shift[None, c0:c1], out=scratch).exp_()
-            p_col.mul_(terms.col_coef[None, c0:c1])
+            columns = pairs is None or c0 < pairs  # the extra negatives' have no softmax
+            if columns:
+                p_col = torch.sub(s, terms.col_shift[None, c0:c1], out=scratch).exp_()
+                p_col.mul_(terms.col_coef[None, c0:c1])
             p_row = s.sub_(row_shift).exp_().mul_(row_coef)
             # Each similarity against its row's and its column's positive (base.py): at a
             # peaked softmax the terms share a sign, where sum(G * dot) would cancel.
             row_terms = torch.sub(dot, row_dot, out=tmp).mul_(p_row)
             dscale += without_positives(row_terms, where).sum()
-            col_terms = dot.sub_(terms.pair_dot[None, c0:c1]).mul_(p_col)
-            dscale += without_positives(col_terms, where).sum()
-            del dot, col_terms  # in tf32/bf16 modes the rounded gradient takes this memory
-            g = p_row.add_(p_col)
+            if columns:
+                col_terms = dot.sub_(terms.pair_dot[None, c0:c1]).mul_(p_col)
+                dscale += without_positives(col_terms, where).sum()
+                del col_terms
+            del dot  # in tf32/bf16 modes the rounded gradient takes this memory
+            g = p_row.add_(p_col) if columns else p_row
             if where is not None:
                 g[where[0], where[1]] -= terms.pos_weight[where[0]]
             add_products(du, dv[c0:c1], cast_operand(g, precision), uq, vq, precision)

@@ -40,6 +40,18 @@ def column_chunks(b: int, big, chunk_size: int | None, device, per_logit: int = 
     return [(c0, min(c0 + chunk, big)) for c0 in range(0, big, chunk)]
 
 
+def split_chunks(b: int, big, chunk_size, device, pairs: int | None) -> list:
+    """:func:`column_chunks` of the first ``pairs`` columns, then of the rest (``None``:
+    of all ``big`` as one range), so that no chunk holds both a pair's column and an
+    extra negative's: the passes skip the columns' statistics of the latter."""
+    if pairs is None:
+        return column_chunks(b, big, chunk_size, device)
+    rest = column_chunks(b, big - pairs, chunk_size, device) if big > pairs else []
+    return column_chunks(b, pairs, chunk_size, device) + [
+        (pairs + c0, pairs + c1) for c0, c1 in rest
+    ]
+
+
 def reuse_buffer(buf: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """A scratch tensor shaped like ``like``, reused across chunks (the last one is smaller)."""
     if buf is None or buf.numel() < like.numel():

@@ -245,7 +245,9 @@ class FusedKernels:
             _operand(u, precision), _operand(v, precision), _f32(scale), offset, precision, plan
         )
 
-    def forward(self, u, v, scale, offset, precision, chunk_size, targets=None) -> ForwardStats:
+    def forward(
+        self, u, v, scale, offset, precision, chunk_size, targets=None, pairs=None
+    ) -> ForwardStats:
         _no_labels(targets)
         block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
@@ -254,7 +256,9 @@ class FusedKernels:
 
         return ForwardStats(*forward_stats(block))
 
-    def backward(self, u, v, scale, offset, precision, chunk_size, terms: GradientTerms):
+    def backward(
+        self, u, v, scale, offset, precision, chunk_size, terms: GradientTerms, pairs=None
+    ):
         _no_labels(terms.targets)
         block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
