@@ -465,3 +465,65 @@ def test_training_sizes_on_cuda(precision, plan, b, big, dim, offset):
 def test_adversarial_at_training_size_on_cuda(precision):
     u, v = unit_pairs(4096, 512, seed=11, kind="adversarial")
     check_against_fp64(u, v, torch.tensor(100.0), 0, precision)
+
+
+@pytest.mark.parametrize("plan", ["split", "atomic-split"])
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("mode", ["positive", "ignore"])
+def test_labels_across_tiles_splits_and_segments(plan, loss, mode, monkeypatch):
+    """Same-item labels compared per tile: 67 pairs (3 row blocks of 32), 11 extra
+    negatives, five items spread over every tile, with the plan forcing K chunks, column
+    splits and column segments (and atomic dV)."""
+    labels = (torch.arange(67) * 7) % 5 - 2
+    check_labels(FusedKernels(**PLANS[plan]), loss, mode, labels, 11, 16, monkeypatch)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("mode", ["positive", "ignore"])
+def test_labels_at_training_size_on_cuda(loss, mode, monkeypatch):
+    """The compiled labelled variants with the card's plan: 4096 pairs of 1000 items
+    (most with several pairs, across every tile), 512 hard negatives, D = 512."""
+    labels = torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(3))
+    check_labels(FusedKernels(), loss, mode, labels, 512, 512, monkeypatch)
+
+
+def check_labels(kernels, loss, mode, labels, n_neg, dim, monkeypatch):
+    """``clip_loss``/``siglip_loss`` with ``labels`` and ``n_neg`` extra negatives through
+    ``kernels``: the loss and the scalars against float64 within their bounds; each
+    tensor within 2x the larger of plain fp32's and chunked's error (the module
+    docstring's rule), chunked's within 2x plain's."""
+    import palmtree.backends.fused as fused_module
+    from palmtree import siglip_loss
+
+    monkeypatch.setattr(fused_module, "FusedKernels", lambda: kernels)
+    img, txt = testing.make_pairs(len(labels), dim, seed=4)
+    negs = testing.make_pairs(n_neg, dim, seed=5)[1]
+    truth_kw = dict(negatives=negs, labels=labels, same_label=mode)
+    if loss == "clip":
+        want = testing.clip_truth(img, txt, 2.5, **truth_kw)
+        plain = testing.plain_fp32(img, txt, 2.5, **truth_kw)
+    else:
+        want = testing.siglip_truth(img, txt, 2.5, -1.0, **truth_kw)
+        plain = testing.plain_fp32_siglip(img, txt, 2.5, -1.0, **truth_kw)
+    grads = {}
+    for backend in ("fused", "chunked"):
+        leaves = [x.clone().to(DEVICE).requires_grad_() for x in (img, txt, negs)]
+        ls = torch.tensor(2.5, device=DEVICE, requires_grad=True)
+        call = dict(labels=labels.to(DEVICE), same_label=mode, backend=backend)
+        call["text_negatives"] = leaves[2]
+        if loss == "clip":
+            out = clip_loss(*leaves[:2], ls, **call)
+        else:
+            out = siglip_loss(*leaves[:2], ls, -1.0, **call)
+        out.loss.backward()
+        grads[backend] = [leaf.grad.detach().cpu() for leaf in leaves]
+        if backend == "fused":
+            testing.check_scalar("loss", out.loss.cpu(), want.loss, want.loss_bound)
+            testing.check_scalar("d_scale", ls.grad.cpu(), want.d_scale, want.d_scale_bound)
+    for k, name in enumerate(("d_img", "d_txt", "d_neg")):
+        exact = getattr(want, name)
+        testing.check_tensor(f"chunked {name}", grads["chunked"][k], plain[name], exact)
+        like = max(plain[name], grads["chunked"][k], key=lambda x: testing.max_error(x, exact))
+        testing.check_tensor(f"fused {name}", grads["fused"][k], like, exact)

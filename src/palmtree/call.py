@@ -160,7 +160,6 @@ def _check_locally(
         or (_bias_problem(logit_bias, device) if loss == "siglip" else None)
         or labels_problem(extras.labels, image.shape[0], device)
         or negatives_problem(extras.negatives, image.shape[-1], device, DTYPES)
-        or _targets_backend_problem(opts.backend, extras)
         or backend_problem(opts.backend, device)
     )
     if error is not None:
@@ -187,19 +186,8 @@ def _check_locally(
         # One host sync for both: the finite checks, and the values the ranks compare.
         error, values = host_checks(image, text, logit_scale, logit_bias, opts, extras.negatives)
     backend = resolve_backend(opts.backend, device)
-    if backend == "fused" and opts.backend == "auto" and extras.labels is not None:
-        backend = "chunked"  # the fused kernels compare no labels yet
     precision = resolve_precision(opts.precision)
     return _Checked(error, backend, precision, text, logit_scale, logit_bias, values, graph)
-
-
-def _targets_backend_problem(backend: str, extras: Extras) -> str | None:
-    if backend == "fused" and extras.labels is not None:
-        return (
-            "backend='fused' does not take labels yet; use backend='chunked' (or "
-            "'auto'), which gives the same loss and gradients"
-        )
-    return None
 
 
 def _bias_problem(logit_bias, device) -> str | None:

@@ -35,7 +35,8 @@ class Targets:
     (``|P(k)|``, the pair itself included). ``n_pairs`` is ``B``: columns from ``B`` on
     are extra negatives, never a target and never a query. ``columns``: one small id
     per column, equal where the labels are (each pair's first place among the sorted
-    ids), ``-1`` for the extra negatives, so that one comparison of ids says it all.
+    ids, int32), ``-1`` for the extra negatives, so that one comparison of ids says it
+    all (in 32-bit registers in the fused kernels).
     """
 
     labels: torch.Tensor
@@ -67,7 +68,7 @@ def global_targets(labels, layout: Layout, same_label: str) -> Targets | None:
     # |P(k)| from the sorted ids, in static shapes (``torch.compile`` traces it whole).
     ordered = torch.sort(labels).values
     counts = torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
-    first = torch.searchsorted(ordered, labels)  # equal ids, equal places; all >= 0
+    first = torch.searchsorted(ordered, labels, out_int32=True)  # equal ids, equal places
     columns = torch.cat([first, first.new_full((sum(layout.negative_sizes),), -1)])
     ignore, B = same_label == "ignore", layout.b_global
     return Targets(labels, ignore, counts.to(torch.float32), B, columns)

@@ -47,6 +47,12 @@ def _grad_kernel(
     POS_WEIGHT,
     DIAG,
     PAIR_DOT,
+    OWN_IDS,
+    OTHER_IDS,
+    OWN_REF,
+    OTHER_REF,
+    OWN_TARGET,
+    OTHER_TARGET,
     BIAS,
     D_OWN,
     D_OTHER,
@@ -72,6 +78,8 @@ def _grad_kernel(
     WITH_DSCALE: tl.constexpr,
     OWN_IS_U: tl.constexpr,
     SIGMOID: tl.constexpr,
+    LABELS: tl.constexpr,
+    IGNORE: tl.constexpr,
 ):
     pid_o = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -92,6 +100,12 @@ def _grad_kernel(
     if WITH_DSCALE and not SIGMOID:
         # <u, v> of each own row's pair (its positive is other row own + pos_shift).
         own_pair = tl.load(PAIR_DOT + own + pos_shift, mask=pos_ok, other=0.0)
+    if LABELS:
+        own_ids = tl.load(OWN_IDS + own, mask=own_ok, other=-2)
+        if not IGNORE:  # same-item positives: what their terms are measured against
+            own_t = tl.load(OWN_TARGET + own, mask=own_ok, other=0.0)
+            if WITH_DSCALE and not SIGMOID:
+                own_ref = tl.load(OWN_REF + own, mask=own_ok, other=0.0)
 
     d_own = tl.zeros((BLOCK_OWN, BLOCK_D), tl.float32)
     ds = tl.zeros((BLOCK_OWN,), tl.float32)
@@ -132,14 +146,22 @@ def _grad_kernel(
         s = tl.where(ok, dot * scale, float("-inf"))
         if not SIGMOID:  # the softmax's positives must be the forward's (base.py)
             s = tl.where(positive, pos_s[:, None], s)
+        target = positive
+        if LABELS:  # the other pairs of the own rows' items (an extra negative's id is -1)
+            oth_ids = tl.load(OTHER_IDS + oth, mask=oth_ok, other=-3)
+            same = ok & (own_ids[:, None] == oth_ids[None, :]) & (~positive)
+            if IGNORE:  # out of the loss: G is 0 there (sigmoid(-inf), exp(-inf))
+                s = tl.where(same, float("-inf"), s)
+            else:
+                target = positive | same
         t_coef = tl.load(OTHER_COEF + oth, mask=oth_ok, other=0.0)
         if SIGMOID:
             # G = w_row * (-z) * sigmoid(-z x), x = S + bias, z = +1 at the positives. The
             # row weights are the own side's coefficients when it holds the rows.
             logit = s + tl.load(BIAS)
-            sig = tl.sigmoid(tl.where(positive, -logit, logit))
+            sig = tl.sigmoid(tl.where(target, -logit, logit))
             w_row = o_coef[:, None] if OWN_IS_U else t_coef[None, :]
-            g = w_row * tl.where(positive, -sig, sig)
+            g = w_row * tl.where(target, -sig, sig)
             if WITH_DSCALE:  # d/dscale = sum(G * (U V^T)): no division by a scale that may be 0
                 ds += tl.sum(g * dot, axis=1)
                 db += tl.sum(g, axis=1)
@@ -149,18 +171,32 @@ def _grad_kernel(
             # where sum(G * (U V^T)) would cancel to the loss. Each part is reduced as
             # soon as it is made, the columns' first: of the orders tried, the one that
             # spills on no launch that did not (docs/kernels.md).
+            # With same-item positives every target's term counts, against the mean
+            # similarity over its row's and its column's targets (OWN_REF, OTHER_REF),
+            # the own pair's similarity standing at the diagonal (0 for a lone target).
             t_shift = tl.load(OTHER_SHIFT + oth, mask=oth_ok, other=float("inf"))
             p_oth = t_coef[None, :] * tl.exp(s - t_shift[None, :])
             if WITH_DSCALE:
-                oth_pair = tl.load(PAIR_DOT + oth, mask=oth_ok, other=0.0)
-                terms = tl.where(positive, 0.0, p_oth * (dot - oth_pair[None, :]))
-                ds += tl.sum(terms, axis=1)
+                if LABELS and not IGNORE:
+                    dot = tl.where(positive, own_pair[:, None], dot)
+                    oth_ref = tl.load(OTHER_REF + oth, mask=oth_ok, other=0.0)
+                    ds += tl.sum(p_oth * (dot - oth_ref[None, :]), axis=1)
+                else:
+                    oth_pair = tl.load(PAIR_DOT + oth, mask=oth_ok, other=0.0)
+                    terms = tl.where(positive, 0.0, p_oth * (dot - oth_pair[None, :]))
+                    ds += tl.sum(terms, axis=1)
             p_own = o_coef[:, None] * tl.exp(s - o_shift[:, None])
             if WITH_DSCALE:
-                terms = tl.where(positive, 0.0, p_own * (dot - own_pair[:, None]))
-                ds += tl.sum(terms, axis=1)
+                if LABELS and not IGNORE:
+                    ds += tl.sum(p_own * (dot - own_ref[:, None]), axis=1)
+                else:
+                    terms = tl.where(positive, 0.0, p_own * (dot - own_pair[:, None]))
+                    ds += tl.sum(terms, axis=1)
             g = p_own + p_oth
             g = tl.where(positive, g - pos_w[:, None], g)
+            if LABELS and not IGNORE:  # each other target's weights, row's and column's
+                oth_t = tl.load(OTHER_TARGET + oth, mask=oth_ok, other=0.0)
+                g = tl.where(same, g - (own_t[:, None] + oth_t[None, :]), g)
 
         gq = round_operand(g, PRECISION)
         d_own = mma(gq, y, d_own, PRECISION, INTERPRET)
@@ -222,6 +258,30 @@ class _Positives:
     w_shift: int
 
 
+@dataclass(frozen=True)
+class _Side:
+    """One side's same-item labels: its ids (:attr:`palmtree.targets.Targets.columns`)
+    and, with same-item positives, the weight subtracted at each of its targets and the
+    mean similarity over them (the temperature's reference; read on the rows' side)."""
+
+    ids: torch.Tensor
+    target: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
+
+
+def _sides(targets, offset: int, b: int, terms=None):
+    """``(rows, columns)`` :class:`_Side` of a call's labels (``None`` without labels);
+    ``terms``: the CLIP pass's :class:`~palmtree.backends.base.GradientTerms`."""
+    if targets is None:
+        return None
+    rows, cols = targets.rows(offset, b), targets.columns
+    if terms is None or targets.ignore:
+        return _Side(rows), _Side(cols)
+    return _Side(rows, terms.row_target, terms.row_ref), _Side(
+        cols, terms.col_target, terms.col_ref
+    )
+
+
 def _own_grad(
     own,
     other,
@@ -237,6 +297,8 @@ def _own_grad(
     with_dscale=False,
     bias=None,
     pair_dot=None,
+    labels=None,
+    ignore=False,
 ):
     """``scale * G @ other`` for every row of ``own``, and ``dscale`` (base.py).
 
@@ -245,8 +307,10 @@ def _own_grad(
     With ``d_other``, the same programs also add ``scale * G^T @ own`` into it atomically.
     With ``bias`` (a 0-dim tensor) ``G`` is the sigmoid loss's, the coefficients being the
     row weights, and ``dscale = sum(G * own other^T)``; without it the softmax's ``dscale``
-    reads ``pair_dot``. Returns ``(grad, dscale, dbias)`` (the sums ``None`` unless
-    ``with_dscale``; ``dbias`` only with ``bias``).
+    reads ``pair_dot``. ``labels``: the ``(own, other)`` :class:`_Side` of same-item
+    labels, whose other pairs are positives or, with ``ignore``, out of the loss. Returns
+    ``(grad, dscale, dbias)`` (the sums ``None`` unless ``with_dscale``; ``dbias`` only
+    with ``bias``).
     """
     n_own, dim = own.shape
     f32 = dict(dtype=torch.float32, device=own.device)
@@ -257,6 +321,7 @@ def _own_grad(
     dbias = torch.empty_like(dscale)
     _grad_kernel[(blocks, n_split)](
         **_inputs(own, other, scale, own_terms, other_terms, pos, bias, pair_dot),
+        **_label_inputs(labels, pos.weight),
         D_OWN=partials,
         D_OTHER=d_other if d_other is not None else partials,
         DSCALE=dscale,
@@ -268,6 +333,8 @@ def _own_grad(
         WITH_DSCALE=with_dscale,
         OWN_IS_U=own_is_u,
         SIGMOID=bias is not None,
+        LABELS=labels is not None,
+        IGNORE=ignore,
     )
     grad = partials[0] if n_split == 1 else partials.sum(0)
     if not with_dscale:
@@ -291,6 +358,24 @@ def _inputs(own, other, scale, own_terms, other_terms, pos: _Positives, bias, pa
         DIAG=pos.diag if pos.diag is not None else pos.weight,  # unread without a diag
         PAIR_DOT=pair_dot if pair_dot is not None else pos.weight,  # read only by dscale
         BIAS=bias if bias is not None else scale,
+    )
+
+
+def _label_inputs(labels, stand_in: torch.Tensor) -> dict:
+    """The labels' tensors :func:`_grad_kernel` reads (stand-ins, unread, where a launch
+    has none)."""
+    own, other = labels if labels is not None else (_Side(stand_in), _Side(stand_in))
+
+    def given(x):
+        return x if x is not None else stand_in
+
+    return dict(
+        OWN_IDS=own.ids,
+        OTHER_IDS=other.ids,
+        OWN_REF=given(own.ref),
+        OTHER_REF=given(other.ref),
+        OWN_TARGET=given(own.target),
+        OTHER_TARGET=given(other.target),
     )
 
 
@@ -326,50 +411,58 @@ def _tiles(plan, precision: str) -> dict:
 
 def backward_grads(block, terms):
     """``(dU, dV_partial, dscale)`` of the base.py contract for a :class:`~.fused.Block` and
-    fp32 :class:`palmtree.backends.base.GradientTerms`."""
+    fp32 :class:`palmtree.backends.base.GradientTerms` (their ``targets`` compared per tile)."""
     rows, cols = (terms.row_shift, terms.row_coef), (terms.col_shift, terms.col_coef)
+    labels = _sides(terms.targets, block.offset, block.uq.shape[0], terms)
     du, dv, dscale, _ = _both_sides(
-        block, rows, cols, terms.pos_weight, terms.diag, pair_dot=terms.pair_dot
+        block, rows, cols, terms.pos_weight, terms.diag, terms.targets, labels, terms.pair_dot
     )
     return du, dv, dscale
 
 
-def sigmoid_backward_grads(block, bias, row_weight):
-    """``(dU, dV_partial, dscale, dbias)`` of the sigmoid contract (base.SigmoidKernels).
+def sigmoid_backward_grads(block, bias, row_weight, targets=None):
+    """``(dU, dV_partial, dscale, dbias)`` of the sigmoid contract (base.SigmoidKernels),
+    with ``targets``' same-item pairs at ``z = +1`` or out of the sum.
 
     The loss is elementwise: the positives need no forward value, only their place."""
     unused = torch.zeros(block.vq.shape[0], dtype=torch.float32, device=block.vq.device)
     rows, cols = (row_weight, row_weight), (unused, unused)
-    return _both_sides(block, rows, cols, row_weight, None, bias)
+    labels = _sides(targets, block.offset, block.uq.shape[0])
+    return _both_sides(block, rows, cols, row_weight, None, targets, labels, bias=bias)
 
 
-def _both_sides(block, rows, cols, pos_weight, diag, bias=None, pair_dot=None):
+def _both_sides(block, rows, cols, pos_weight, diag, targets, labels, pair_dot=None, bias=None):
     """dU from programs owning rows, dV from programs owning columns (or atomically).
 
     Row ``i``'s positive is column ``offset + i``; column ``j``'s is row ``j - offset``,
-    whose weight and forward logit are indexed by that row.
+    whose weight and forward logit are indexed by that row. ``labels``: the rows' and
+    the columns' :class:`_Side` (``None`` without labels).
     """
     uq, vq, scale, offset = block.uq, block.vq, block.scale, block.offset
     common = dict(precision=block.precision, plan=block.plan, bias=bias, pair_dot=pair_dot)
+    common["ignore"] = targets is not None and targets.ignore
     row_pos = _Positives(pos_weight, diag, offset, 0)
+    d_other = None
     if block.plan.bwd_mode == "atomic":
-        dv = torch.zeros(vq.shape, dtype=torch.float32, device=vq.device)
-        du, dscale, dbias = _own_grad(
-            uq,
-            vq,
-            scale,
-            rows,
-            cols,
-            row_pos,
-            own_is_u=True,
-            d_other=dv,
-            with_dscale=True,
-            **common,
-        )
-        return du, dv, dscale, dbias
+        d_other = torch.zeros(vq.shape, dtype=torch.float32, device=vq.device)
     du, dscale, dbias = _own_grad(
-        uq, vq, scale, rows, cols, row_pos, own_is_u=True, with_dscale=True, **common
+        uq,
+        vq,
+        scale,
+        rows,
+        cols,
+        row_pos,
+        own_is_u=True,
+        d_other=d_other,
+        with_dscale=True,
+        labels=labels,
+        **common,
     )
+    if d_other is not None:
+        return du, d_other, dscale, dbias
     col_pos = _Positives(pos_weight, diag, -offset, -offset)
-    dv, _, _ = _own_grad(vq, uq, scale, cols, rows, col_pos, own_is_u=False, **common)
+    flipped = None if labels is None else labels[::-1]
+    dv, _, _ = _own_grad(
+        vq, uq, scale, cols, rows, col_pos, own_is_u=False, labels=flipped, **common
+    )
     return du, dv, dscale, dbias

@@ -13,9 +13,16 @@ accumulation, a loop over ``D`` in ``BLOCK_K`` chunks) feeds
 ``_combine_kernel`` then merges partials along their leading axis (row blocks for the
 columns, splits for the rows). Every shift is a true maximum, so nothing underflows
 whatever the logits are.
+
+With same-item labels (``LABELS``) each tile compares its rows' and its columns' ids:
+ignored pairs (``IGNORE``) become ``-inf``; same-item positives also give each row's and
+each column's sum of gaps to the own pair's similarity and the largest logit at a
+target (:mod:`palmtree.clip_terms`), in partials beside the others (docs/kernels.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -23,6 +30,7 @@ import triton.language as tl
 
 from . import interpreting
 from ._triton_utils import logits_tile, row_block
+from .base import ForwardStats
 
 _COMBINE_BLOCK = 256
 
@@ -37,6 +45,14 @@ def _forward_kernel(
     COL_MAX,
     COL_NEG,
     DIAG,
+    ROW_IDS,
+    COL_IDS,
+    ROW_PAIR,
+    COL_PAIR,
+    ROW_GAP,
+    ROW_PMAX,
+    COL_GAP,
+    COL_PMAX,
     b,
     n_cols,
     D,
@@ -50,6 +66,8 @@ def _forward_kernel(
     SINGLE_K: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
+    LABELS: tl.constexpr,
+    IGNORE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -57,6 +75,12 @@ def _forward_kernel(
     row_ok = rows < b
     u_rows, u = row_block(U, rows, row_ok, D, stride_u, BLOCK_K, SINGLE_K)
     scale = tl.load(SCALE)
+    if LABELS:
+        row_ids = tl.load(ROW_IDS + rows, mask=row_ok, other=-2)
+    if LABELS and not IGNORE:  # same-item positives: their sums too
+        row_pair = tl.load(ROW_PAIR + rows, mask=row_ok, other=0.0)
+        gap_i = tl.zeros((BLOCK_M,), tl.float32)
+        pmax_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -87,6 +111,23 @@ def _forward_kernel(
 
         positive = ok & (cols[None, :] == rows[:, None] + diag_shift)
         diag += tl.sum(tl.where(positive, s, 0.0), axis=1)
+        if LABELS:  # the other pairs of the rows' items (an extra negative's id is -1)
+            col_ids = tl.load(COL_IDS + cols, mask=col_ok, other=-3)
+            same = ok & (row_ids[:, None] == col_ids[None, :]) & (~positive)
+            if IGNORE:  # out of every sum and maximum
+                s = tl.where(same, float("-inf"), s)
+            else:
+                # Each other target's similarity against its row's and its column's own
+                # pair's (palmtree.clip_terms), and the largest logit at a target (the
+                # accuracies); first, so that the product's tile is free before the exps.
+                part = pid_m.to(tl.int64) * n_cols + cols
+                gap_i += tl.sum(tl.where(same, row_pair[:, None] - acc, 0.0), axis=1)
+                col_pair = tl.load(COL_PAIR + cols, mask=col_ok, other=0.0)
+                c_gap = tl.sum(tl.where(same, col_pair[None, :] - acc, 0.0), axis=0)
+                tl.store(COL_GAP + part, c_gap, mask=col_ok)
+                at_target = tl.where(same | positive, s, float("-inf"))
+                pmax_i = tl.maximum(pmax_i, tl.max(at_target, axis=1))
+                tl.store(COL_PMAX + part, tl.max(at_target, axis=0), mask=col_ok)
 
         # Rows: online rescaling. A max of -inf only occurs on padding rows; shifting
         # those by 0 keeps them at sum 0 instead of NaN. The sums leave the positive out.
@@ -107,6 +148,9 @@ def _forward_kernel(
     part = pid_s.to(tl.int64) * b + rows
     tl.store(ROW_MAX + part, m_i, mask=row_ok)
     tl.store(ROW_NEG + part, l_i, mask=row_ok)
+    if LABELS and not IGNORE:
+        tl.store(ROW_GAP + part, gap_i, mask=row_ok)
+        tl.store(ROW_PMAX + part, pmax_i, mask=row_ok)
     pos_col = rows + diag_shift
     tl.store(DIAG + rows, diag, mask=row_ok & (pos_col >= n_begin) & (pos_col < n_end))
 
@@ -147,62 +191,117 @@ def _combine(part_max, part_sum, out_max, out_sum, n_parts: int, n: int) -> None
         )
 
 
-def forward_stats(block):
-    """``(row_max, row_neg, col_max, col_neg, diag)`` of ``S = scale * uq @ vq^T``
-    (:class:`palmtree.backends.base.ForwardStats`: the sums leave the positives out).
+@dataclass
+class _Partials:
+    """One call's partial buffers: ``rows`` ``[splits, b]`` (max, sum) pairs, ``cols``
+    ``[row blocks x segment]`` ones, and with same-item positives the targets' (sum of
+    gaps, maximum) pairs beside each; ``None`` where a launch has no such sums."""
+
+    row_max: torch.Tensor
+    row_sum: torch.Tensor
+    col_max: torch.Tensor
+    col_sum: torch.Tensor
+    row_gap: torch.Tensor | None = None
+    row_pos: torch.Tensor | None = None
+    col_gap: torch.Tensor | None = None
+    col_pos: torch.Tensor | None = None
+
+    @classmethod
+    def make(cls, splits: int, b: int, col_entries: int, sums: bool, device) -> _Partials:
+        f32 = dict(dtype=torch.float32, device=device)
+        n = 4 if sums else 2
+        rows = [torch.empty(splits, b, **f32) for _ in range(n)]
+        cols = [torch.empty(col_entries, **f32) for _ in range(n)]
+        return cls(rows[0], rows[1], cols[0], cols[1], *rows[2:], *cols[2:])
+
+
+def _labels_args(targets, offset: int, c0: int, b: int, stand_in: torch.Tensor) -> dict:
+    """The ids and pair similarities a launch on columns ``c0..`` reads (stand-ins,
+    unread, without labels or in ignore mode: the kernel takes every pointer)."""
+    ids = (targets.rows(offset, b), targets.columns[c0:]) if targets is not None else None
+    pairs = None
+    if targets is not None and not targets.ignore:
+        pairs = (targets.pair_dot[offset : offset + b], targets.pair_dot[c0:])
+    ids, pairs = ids or (stand_in, stand_in), pairs or (stand_in, stand_in)
+    return dict(ROW_IDS=ids[0], COL_IDS=ids[1], ROW_PAIR=pairs[0], COL_PAIR=pairs[1])
+
+
+def forward_stats(block, targets=None) -> ForwardStats:
+    """:class:`palmtree.backends.base.ForwardStats` of ``S = scale * uq @ vq^T`` (the sums
+    leave the positives out), with ``targets`` (:class:`palmtree.targets.Targets`) compared
+    per tile: ignored pairs leave every sum and maximum; same-item positives also give
+    their sums of gaps and their maxima.
 
     ``block`` is a :class:`palmtree.backends.fused.Block`; column segments bound the
     partials buffer, column splits fill the grid when there are few row blocks.
     """
-    uq, vq, scale, offset = block.uq, block.vq, block.scale, block.offset
-    precision, plan = block.precision, block.plan
-    b, dim = uq.shape
-    B = vq.shape[0]
-    f32 = dict(dtype=torch.float32, device=uq.device)
-    bm, bn, bk = plan.block_m, plan.block_n, plan.block_k
-    row_blocks = triton.cdiv(b, bm)
-    seg = plan.segment_width(row_blocks, B)
+    uq, vq, plan = block.uq, block.vq, block.plan
+    b, B = uq.shape[0], vq.shape[0]
+    sums = targets is not None and not targets.ignore
+    row_blocks = triton.cdiv(b, plan.block_m)
+    seg = plan.segment_width(row_blocks, B, values=4 if sums else 2)
     layout = [(c0, min(seg, B - c0)) for c0 in range(0, B, seg)]
-    splits = [plan.splits(row_blocks, triton.cdiv(n, bn)) for _, n in layout]
-    total_splits = sum(n_split for n_split, _ in splits)
-
-    row_pmax = torch.empty(total_splits, b, **f32)
-    row_psum = torch.empty(total_splits, b, **f32)
-    col_pmax = torch.empty(row_blocks * min(seg, B), **f32)
-    col_psum = torch.empty_like(col_pmax)
-    col_max = torch.empty(B, **f32)
-    col_neg = torch.empty(B, **f32)
-    diag = torch.empty(b, **f32)
+    splits = [plan.splits(row_blocks, triton.cdiv(n, plan.block_n)) for _, n in layout]
+    part = _Partials.make(sum(n for n, _ in splits), b, row_blocks * min(seg, B), sums, uq.device)
+    stats = ForwardStats.empty(B, uq.device)
+    stats.diag = torch.empty(b, dtype=torch.float32, device=uq.device)
+    if sums:
+        stats.col_pos_gap, stats.col_pos_max = (
+            torch.empty_like(stats.col_max),
+            stats.col_max.clone(),
+        )
     first = 0
     for (c0, n), (n_split, tiles_per_split) in zip(layout, splits, strict=True):
-        _forward_kernel[(row_blocks, n_split)](
-            U=uq,
-            V=vq[c0:],
-            SCALE=scale,
-            ROW_MAX=row_pmax[first:],
-            ROW_NEG=row_psum[first:],
-            COL_MAX=col_pmax,
-            COL_NEG=col_psum,
-            DIAG=diag,
-            b=b,
-            n_cols=n,
-            D=dim,
-            diag_shift=offset - c0,
-            stride_u=uq.stride(0),
-            stride_v=vq.stride(0),
-            tiles_per_split=tiles_per_split,
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            BLOCK_K=bk,
-            SINGLE_K=bk >= dim,
-            PRECISION=precision,
-            INTERPRET=interpreting(),
-            num_warps=plan.num_warps,
-            num_stages=plan.num_stages,
+        _launch(
+            block, targets, part, stats.diag, c0, n, first, (row_blocks, n_split), tiles_per_split
         )
-        _combine(col_pmax, col_psum, col_max[c0:], col_neg[c0:], row_blocks, n)
+        _combine(part.col_max, part.col_sum, stats.col_max[c0:], stats.col_neg[c0:], row_blocks, n)
+        if sums:
+            stats.col_pos_gap[c0 : c0 + n] = part.col_gap[: row_blocks * n].view(-1, n).sum(0)
+            stats.col_pos_max[c0 : c0 + n] = part.col_pos[: row_blocks * n].view(-1, n).amax(0)
         first += n_split
-    row_max = torch.empty(b, **f32)
-    row_neg = torch.empty(b, **f32)
-    _combine(row_pmax, row_psum, row_max, row_neg, total_splits, b)
-    return row_max, row_neg, col_max, col_neg, diag
+    stats.row_max, stats.row_neg = torch.empty_like(stats.diag), torch.empty_like(stats.diag)
+    _combine(part.row_max, part.row_sum, stats.row_max, stats.row_neg, first, b)
+    if sums:
+        stats.row_pos_gap, stats.row_pos_max = part.row_gap.sum(0), part.row_pos.amax(0)
+    return stats
+
+
+def _launch(block, targets, part: _Partials, diag, c0: int, n: int, first: int, grid, per):
+    """One forward launch on the columns ``[c0, c0 + n)``, its row partials from split ``first``."""
+    uq, vq, plan = block.uq, block.vq, block.plan
+    b, dim = uq.shape
+    row_part = [x if x is None else x[first:] for x in (part.row_gap, part.row_pos)]
+    stand_in = part.col_max  # for the pointers a launch does not read
+    _forward_kernel[grid](
+        U=uq,
+        V=vq[c0:],
+        SCALE=block.scale,
+        ROW_MAX=part.row_max[first:],
+        ROW_NEG=part.row_sum[first:],
+        COL_MAX=part.col_max,
+        COL_NEG=part.col_sum,
+        DIAG=diag,
+        **_labels_args(targets, block.offset, c0, b, stand_in),
+        ROW_GAP=row_part[0] if row_part[0] is not None else stand_in,
+        ROW_PMAX=row_part[1] if row_part[1] is not None else stand_in,
+        COL_GAP=part.col_gap if part.col_gap is not None else stand_in,
+        COL_PMAX=part.col_pos if part.col_pos is not None else stand_in,
+        b=b,
+        n_cols=n,
+        D=dim,
+        diag_shift=block.offset - c0,
+        stride_u=uq.stride(0),
+        stride_v=vq.stride(0),
+        tiles_per_split=per,
+        BLOCK_M=plan.block_m,
+        BLOCK_N=plan.block_n,
+        BLOCK_K=plan.block_k,
+        SINGLE_K=plan.block_k >= dim,
+        PRECISION=block.precision,
+        INTERPRET=interpreting(),
+        LABELS=targets is not None,
+        IGNORE=targets is not None and targets.ignore,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+    )

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from . import interpreting
 from ._triton_utils import logits_tile, row_block
+from .base import SigmoidStats
 
 
 @triton.jit
@@ -40,6 +41,10 @@ def _sigmoid_forward_kernel(
     ROW_MAX,
     COL_MAX,
     DIAG,
+    ROW_IDS,
+    COL_IDS,
+    ROW_PMAX,
+    COL_PMAX,
     b,
     n_cols,
     D,
@@ -53,6 +58,8 @@ def _sigmoid_forward_kernel(
     SINGLE_K: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
+    LABELS: tl.constexpr,
+    IGNORE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -66,6 +73,9 @@ def _sigmoid_forward_kernel(
     diag = tl.zeros((BLOCK_M,), tl.float32)
     pos_sum = tl.zeros((BLOCK_M,), tl.float32)
     neg_sum = tl.zeros((BLOCK_M,), tl.float32)
+    if LABELS:
+        row_ids = tl.load(ROW_IDS + rows, mask=row_ok, other=-2)
+        pmax_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     n_begin = pid_s * tiles_per_split * BLOCK_N
     n_end = tl.minimum(n_begin + tiles_per_split * BLOCK_N, n_cols)
     for start in range(n_begin, n_end, BLOCK_N):
@@ -91,16 +101,29 @@ def _sigmoid_forward_kernel(
         s = tl.where(ok, acc * scale, float("-inf"))
         positive = ok & (cols[None, :] == rows[:, None] + diag_shift)
         diag += tl.sum(tl.where(positive, s, 0.0), axis=1)
+        x = acc * scale + bias
+        target = positive  # z = +1
+        if LABELS:  # the other pairs of the rows' items (an extra negative's id is -1)
+            col_ids = tl.load(COL_IDS + cols, mask=col_ok, other=-3)
+            same = ok & (row_ids[:, None] == col_ids[None, :]) & (~positive)
+            if IGNORE:  # out of the sum (softplus(-inf) = 0) and of the maxima
+                s = tl.where(same, float("-inf"), s)
+                x = tl.where(same, float("-inf"), x)
+            else:
+                target = positive | same
+            at_target = tl.where(target, s, float("-inf"))
+            pmax_i = tl.maximum(pmax_i, tl.max(at_target, axis=1))
+            tl.atomic_max(COL_PMAX + cols, tl.max(at_target, axis=0), mask=col_ok, sem="relaxed")
         m_i = tl.maximum(m_i, tl.max(s, axis=1))
         tl.atomic_max(COL_MAX + cols, tl.max(s, axis=0), mask=col_ok, sem="relaxed")
 
-        x = acc * scale + bias
-        terms = _softplus(tl.where(positive, -x, x))
-        pos_sum += tl.sum(tl.where(positive, terms, 0.0), axis=1)
-        negative = ok & (cols[None, :] != rows[:, None] + diag_shift)
-        neg_sum += tl.sum(tl.where(negative, terms, 0.0), axis=1)
+        terms = _softplus(tl.where(target, -x, x))
+        pos_sum += tl.sum(tl.where(target, terms, 0.0), axis=1)
+        neg_sum += tl.sum(tl.where(ok & (~target), terms, 0.0), axis=1)
 
     tl.atomic_max(ROW_MAX + rows, m_i, mask=row_ok, sem="relaxed")
+    if LABELS:
+        tl.atomic_max(ROW_PMAX + rows, pmax_i, mask=row_ok, sem="relaxed")
     pos_col = rows + diag_shift
     tl.store(DIAG + rows, diag, mask=row_ok & (pos_col >= n_begin) & (pos_col < n_end))
     part = (pid_m * tl.num_programs(1) + pid_s) * 2
@@ -108,9 +131,10 @@ def _sigmoid_forward_kernel(
     tl.store(PART_SUMS + part + 1, tl.sum(neg_sum, axis=0))
 
 
-def sigmoid_forward_stats(block, bias):
-    """``(pos_sum, neg_sum, row_max, col_max, diag)`` of the sigmoid loss
-    (:class:`palmtree.backends.base.SigmoidStats`) for a :class:`~.fused.Block`."""
+def sigmoid_forward_stats(block, bias, targets=None) -> SigmoidStats:
+    """:class:`palmtree.backends.base.SigmoidStats` of the sigmoid loss for a
+    :class:`~.fused.Block`, with ``targets``' same-item pairs at ``z = +1`` or out of
+    the sum (and, with labels, the largest logit at a positive per row and column)."""
     uq, vq, scale, offset = block.uq, block.vq, block.scale, block.offset
     precision, plan = block.precision, block.plan
     b, dim = uq.shape
@@ -120,18 +144,24 @@ def sigmoid_forward_stats(block, bias):
     row_blocks = triton.cdiv(b, bm)
     n_split, tiles_per_split = plan.splits(row_blocks, triton.cdiv(B, bn))
     part_sums = torch.empty(row_blocks * n_split * 2, **f32)
-    row_max = torch.full((b,), -torch.inf, **f32)
-    col_max = torch.full((B,), -torch.inf, **f32)
-    diag = torch.empty(b, **f32)
+    stats = SigmoidStats.empty(B, uq.device, targets)
+    stats.row_max, stats.diag = torch.full((b,), -torch.inf, **f32), torch.empty(b, **f32)
+    labels = targets is not None
+    if labels:
+        stats.row_pos_max = stats.row_max.clone()
     _sigmoid_forward_kernel[(row_blocks, n_split)](
         U=uq,
         V=vq,
         SCALE=scale,
         BIAS=bias,
         PART_SUMS=part_sums,
-        ROW_MAX=row_max,
-        COL_MAX=col_max,
-        DIAG=diag,
+        ROW_MAX=stats.row_max,
+        COL_MAX=stats.col_max,
+        DIAG=stats.diag,
+        ROW_IDS=targets.rows(offset, b) if labels else part_sums,  # unread without labels
+        COL_IDS=targets.columns if labels else part_sums,
+        ROW_PMAX=stats.row_pos_max if labels else part_sums,
+        COL_PMAX=stats.col_pos_max if labels else part_sums,
         b=b,
         n_cols=B,
         D=dim,
@@ -145,8 +175,10 @@ def sigmoid_forward_stats(block, bias):
         SINGLE_K=plan.block_k >= dim,
         PRECISION=precision,
         INTERPRET=interpreting(),
+        LABELS=labels,
+        IGNORE=labels and targets.ignore,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
-    pos_sum, neg_sum = part_sums.view(-1, 2).sum(0).unbind()
-    return pos_sum, neg_sum, row_max, col_max, diag
+    stats.pos_sum, stats.neg_sum = part_sums.view(-1, 2).sum(0).unbind()
+    return stats

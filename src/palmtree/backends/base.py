@@ -94,12 +94,17 @@ class ForwardStats:
         return self.row_neg + torch.exp(self.diag - self.row_max)
 
     @classmethod
-    def empty(cls, B: int, device: torch.device) -> ForwardStats:
-        """The statistics of a rank with no rows: ``(-inf, 0)`` column partials."""
+    def empty(cls, B: int, device: torch.device, targets: Targets | None = None) -> ForwardStats:
+        """The statistics of a rank with no rows: ``(-inf, 0)`` column partials (with
+        same-item positives among ``targets``, the targets' too)."""
         f32 = dict(dtype=torch.float32, device=device)
         none = torch.empty(0, **f32)
         col_max = torch.full((B,), -torch.inf, **f32)
-        return cls(none, none, col_max, torch.zeros(B, **f32), none)
+        stats = cls(none, none, col_max, torch.zeros(B, **f32), none)
+        if targets is not None and not targets.ignore:
+            stats.row_pos_gap, stats.row_pos_max = none, none
+            stats.col_pos_gap, stats.col_pos_max = torch.zeros(B, **f32), col_max.clone()
+        return stats
 
 
 @dataclass
@@ -203,11 +208,16 @@ class SigmoidStats:
     col_pos_max: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, B: int, device: torch.device) -> SigmoidStats:
+    def empty(cls, B: int, device: torch.device, targets: Targets | None = None) -> SigmoidStats:
+        """The statistics of a rank with no rows (with labels, the positives' maxima too)."""
         f32 = dict(dtype=torch.float32, device=device)
         none = torch.empty(0, **f32)
         zero = torch.zeros((), **f32)
-        return cls(zero, zero.clone(), none, torch.full((B,), -torch.inf, **f32), none)
+        col_max = torch.full((B,), -torch.inf, **f32)
+        stats = cls(zero, zero.clone(), none, col_max, none)
+        if targets is not None:
+            stats.row_pos_max, stats.col_pos_max = none, col_max.clone()
+        return stats
 
 
 class SigmoidKernels(Protocol):

@@ -37,6 +37,11 @@ kernel the same way. ``ieee`` uses Triton's exact fp32 product (FMA, no tensor c
 Statistics and accumulators are fp32 in every mode; exp/log are Triton's fast fp32
 versions on CUDA.
 
+Same-item labels are compared per tile, in registers (``LABELS``/``IGNORE`` variants of
+each kernel; docs/kernels.md): the ids of a tile's rows and columns are loaded beside its
+operands, and no ``B x B`` mask exists. With same-item positives the forward's partials
+hold two more fp32 values per (row block, column).
+
 ``chunk_size`` is ignored: tiles come from :class:`TilePlan`, column segments from the
 partials budget. Triton is imported only when a kernel first runs. The CUDA block sizes
 are the largest that compile for sm_90 without register spills up to ``D = 1024`` (the
@@ -162,9 +167,11 @@ class TilePlan:
             partials_budget=256 << 20,
         )
 
-    def segment_width(self, row_blocks: int, B: int) -> int:
-        """Columns per forward launch so the (max, sum) partials stay within budget."""
-        cols = self.partials_budget // (8 * row_blocks)
+    def segment_width(self, row_blocks: int, B: int, values: int = 2) -> int:
+        """Columns per forward launch so that the partials (``values`` fp32 numbers per
+        row block and column: (max, sum), and with same-item positives their targets'
+        (gap, max) too) stay within budget."""
+        cols = self.partials_budget // (4 * values * row_blocks)
         cols = max(self.block_n, cols // self.block_n * self.block_n)
         return max(1, min(cols, B))
 
@@ -248,18 +255,16 @@ class FusedKernels:
     def forward(
         self, u, v, scale, offset, precision, chunk_size, targets=None, pairs=None
     ) -> ForwardStats:
-        _no_labels(targets)
         block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
-            return ForwardStats.empty(v.shape[0], u.device)
+            return ForwardStats.empty(v.shape[0], u.device, targets)
         from ._triton_forward import forward_stats
 
-        return ForwardStats(*forward_stats(block))
+        return forward_stats(block, targets)
 
     def backward(
         self, u, v, scale, offset, precision, chunk_size, terms: GradientTerms, pairs=None
     ):
-        _no_labels(terms.targets)
         block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
             return zero_grads(u, v)
@@ -270,28 +275,20 @@ class FusedKernels:
     def sigmoid_forward(
         self, u, v, scale, bias, offset, precision, chunk_size, targets=None
     ) -> SigmoidStats:
-        _no_labels(targets)
         block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
-            return SigmoidStats.empty(v.shape[0], u.device)
+            return SigmoidStats.empty(v.shape[0], u.device, targets)
         from ._triton_sigmoid import sigmoid_forward_stats
 
-        return SigmoidStats(*sigmoid_forward_stats(block, _f32(bias)))
+        return sigmoid_forward_stats(block, _f32(bias), targets)
 
     def sigmoid_backward(
         self, u, v, scale, bias, offset, precision, chunk_size, row_weight, targets=None
     ):
-        _no_labels(targets)
         block = self.block(u, v, scale, offset, precision)
         if u.shape[0] == 0:
             du, dv, dscale = zero_grads(u, v)
             return du, dv, dscale, dscale.clone()
         from ._triton_backward import sigmoid_backward_grads
 
-        return sigmoid_backward_grads(block, _f32(bias), _f32(row_weight))
-
-
-def _no_labels(targets) -> None:
-    """The fused kernels compare no labels yet (``palmtree.call`` refuses them before)."""
-    if targets is not None:
-        raise NotImplementedError("the fused kernels do not take labels yet; use 'chunked'")
+        return sigmoid_backward_grads(block, _f32(bias), _f32(row_weight), targets)
