@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from palmtree import testing
-from palmtree.bench import cases, check, cli, main, report, sweep
+from palmtree.bench import cases, check, cli, main, peers, report, sweep
 from palmtree.bench.targets import NEGATIVES_SEED, TargetSpec, split_tag
 
 TAG = "[labels=3 negatives=1xB]"
@@ -108,13 +108,12 @@ def test_the_negatives_gradient_is_checked():
     assert bad["grad_diff"] > 0.5  # only d_neg is off
 
 
-def test_peers_and_fused_skip_with_their_reasons(tmp_path):
+def test_peers_skip_with_their_reasons_and_fused_runs(tmp_path):
     argv = ["--backends", "fused", "chunked", "--peers", "open_clip", "inf_cl", "--no-check"]
     assert main(_argv(tmp_path, *argv, "--batch-sizes", "16", "--labels", "2")) == 0
     rows = {r["impl"]: r for r in _rows(tmp_path / "t.csv")}
     assert rows["chunked[labels=2]"]["status"] == "ok"
-    assert rows["fused[labels=2]"]["status"] == "skip"
-    assert rows["fused[labels=2]"]["note"].startswith("fused takes no labels yet")
+    assert rows["fused[labels=2]"]["status"] == "ok"  # in the interpreter here (conftest)
     for peer in ("open_clip", "inf_cl"):
         row = rows[f"{peer}[labels=2]"]
         assert row["status"] == "skip", row
@@ -131,8 +130,11 @@ def test_peers_and_fused_skip_with_their_reasons(tmp_path):
 
 
 def test_by_default_only_what_takes_the_targets_runs(tmp_path):
-    run = cli.parse(["--device", "cpu", "--no-plot", "--out", str(tmp_path), "--labels", "4"])
-    assert run.sweep.impls == ["reference", "chunked"]
+    argv = ["--device", "cpu", "--no-plot", "--out", str(tmp_path)]
+    run = cli.parse([*argv, "--labels", "4"])
+    plain = cli.parse(argv).sweep.impls  # fused among them in the interpreter (conftest)
+    assert run.sweep.impls == [i for i in plain if i not in peers.PEERS]
+    assert run.sweep.impls[:2] == ["reference", "chunked"]
     assert run.sweep.targets == TargetSpec(4, "positive", 0.0)
     case = run.sweep.case((32, 64, "chunked", "ieee"), None)
     assert (case.labels, case.same_label, case.negatives) == (4, "positive", 0.0)

@@ -189,7 +189,6 @@ def test_a_bad_label_column_is_a_clear_error(cells, column, message, tmp_path, c
     [
         (["--same-label", "same"], "--same-label: invalid choice"),
         (["--label-column", "y"], "--label-column names a column of --train-data"),
-        (["--same-label", "ignore", "--backend", "fused"], "the fused backend takes no labels"),
     ],
 )
 def test_bad_label_flags(argv, message, capsys, tmp_path):

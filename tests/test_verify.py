@@ -70,7 +70,7 @@ def test_three_ranks_pass_and_report_json(capsys):
     assert report["world_size"] == 3 and report["sizes"][1] == 0 and sum(report["sizes"]) == 47
     # The negatives: B // 4 of them, a different count on every rank, none on rank 0, some
     # on rank 1 (which holds no pairs).
-    assert report["negative_sizes"] == [0, 4, 7] and report["skipped"] == []
+    assert report["negative_sizes"] == [0, 4, 7]
     rows = report["rows"]
     combos = {_key(r) for r in rows}
     backends, precisions = ("reference", "chunked"), ("ieee", "tf32", "bf16")
@@ -303,7 +303,6 @@ def test_the_targets_truth_is_testings():
     assert mine.kwargs["same_label"] == "ignore" and mine.kwargs["text_negatives"] is mine.negatives
     assert mine.negatives.requires_grad and mine.span == slice(0, 7)
     assert "labels" not in extras.for_rank("negatives", 1, [12, 18], None).kwargs
-    assert not targets.takes("fused", "positive") and targets.takes("fused", "negatives")
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
@@ -383,27 +382,10 @@ def test_a_wrong_label_or_negative_on_one_rank_fails_its_rows(capsys, fault, fai
             assert wrong == columns or (fault.startswith("labels") and wrong >= columns), r
 
 
-def test_fused_labels_rows_are_reported_as_skipped():
-    from palmtree.verify.report import render, skipped
-
-    def row(backend, t):
-        r = rules.Row(backend, "ieee", 99.0, "clip", None, t)
-        names = rules.quantities("clip", t)
-        return dataclasses.asdict(rules.judge(r, [0.1, 1e-7, 1e-6] * len(names)))
-
-    rows = [row(b, t) for b in ("chunked", "fused") for t in (None, "negatives")]
-    rows += [row("chunked", t) for t in ("positive", "ignore")]
-    note = "fused's positive and ignore rows: its kernels take no labels yet"
-    assert skipped(rows, TARGETS)[0].startswith(note)
-    text = render(rows, "header", TARGETS)
-    assert f"\nskipped: {note}" in text and "6 of 6 rows passed." in text
-    assert skipped(rows, ("negatives",)) == [] and skipped(rows[:2] + rows[4:], TARGETS) == []
-
-
 @pytest.mark.slow
-def test_fused_runs_the_negatives_rows_in_the_interpreter(capsys, monkeypatch):
-    """Fused takes the extra negatives (not labels): its negatives row is checked, and
-    the report says which rows it skipped. Here in Triton's interpreter (conftest)."""
+def test_fused_runs_every_targets_row_in_the_interpreter(capsys, monkeypatch):
+    """Fused compares the labels in its tiles: its positive, ignore and negatives rows
+    are checked like the others'. Here in Triton's interpreter (conftest)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     args = ["--nproc", "2", "--json", "--backends", "fused", "--losses", "clip"]
     code = verify.main([*args, "--batch", "20", "--dim", "8", "--precisions", "ieee"])
@@ -412,11 +394,7 @@ def test_fused_runs_the_negatives_rows_in_the_interpreter(capsys, monkeypatch):
     top = max(DEFAULT_SCALES)
     assert code == 0 and rows == [
         *[("fused", s, None, True) for s in DEFAULT_SCALES],
-        ("fused", top, "negatives", True),
-    ]
-    assert report["skipped"] == [
-        "fused's positive and ignore rows: its kernels take no labels yet (backend='auto' "
-        "runs chunked for labels)"
+        *[("fused", top, t, True) for t in TARGETS],
     ]
 
 

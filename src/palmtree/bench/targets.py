@@ -77,12 +77,10 @@ def split_tag(label: str) -> tuple[str, str]:
 
 def skip_reason(impl: str, spec: TargetSpec) -> str | None:
     """Why ``impl`` cannot take the run's targets (``None`` if it can): the peers take
-    neither labels nor extra negatives, ``fused`` takes no labels yet."""
+    neither labels nor extra negatives; every palmtree backend takes both."""
     if not spec.on:
         return None
     flags = [f for f, on in (("--labels", spec.labels), ("--negatives", spec.negatives)) if on]
     if impl in peers.PEERS:
         return f"{impl} takes neither same-item labels nor extra negatives ({' '.join(flags)})"
-    if impl == "fused" and spec.labels:
-        return "fused takes no labels yet (--labels; it takes --negatives): run chunked"
     return None

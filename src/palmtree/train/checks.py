@@ -46,7 +46,7 @@ def flag_problem(c: TrainConfig) -> str | None:
 
 def _label_problem(c: TrainConfig) -> str | None:
     """``--same-label`` and ``--label-column``: the CSV labels come from a column, the
-    digits' are their classes; the fused kernels take no labels yet."""
+    digits' are their classes."""
     if c.label_column is not None and c.train_data is None:
         return (
             "--label-column names a column of --train-data (the digits' labels are their classes)"
@@ -55,8 +55,6 @@ def _label_problem(c: TrainConfig) -> str | None:
         return "--label-column gives the labels of --same-label positive|ignore: give it too"
     if c.same_label is not None and c.train_data is not None and c.label_column is None:
         return "--same-label with --train-data needs --label-column NAME, a column of integer ids"
-    if c.same_label is not None and c.backend == "fused":
-        return "--same-label: the fused backend takes no labels yet; use --backend auto or chunked"
     return None
 
 

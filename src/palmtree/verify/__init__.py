@@ -14,8 +14,7 @@ process on the whole batch, under its rules (:mod:`.rules`, docs/design.md §8).
 loss then runs again at the largest temperature (SigLIP: bias -10) with global targets
 (:mod:`.targets`, docs/design.md §10): same-item labels ``i % 3`` under
 ``same_label="positive"`` and ``"ignore"``, each with extra text negatives split
-unevenly over the ranks (none on rank 0), and the negatives alone (``fused`` takes no
-labels yet and runs only that one). Each row compares:
+unevenly over the ranks (none on rank 0), and the negatives alone. Each row compares:
 
 * ``loss``: each rank's returned value (``N * share_r``), ``loss_global`` (and SigLIP's
   ``loss_pos``, ``loss_neg``), and ``d_scale``, ``d_bias``: the temperature's and the

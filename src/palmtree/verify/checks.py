@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .. import clip_loss, siglip_loss, testing
 from .options import Options, default_backends
 from .rules import Comparison, Row, figures_by_quantity, judge, quantities
-from .targets import Extras, takes
+from .targets import Extras
 from .truth import Case, Truth
 
 #: SigLIP's rows: its usual initial bias, and the opposite sign (most logits positive).
@@ -58,10 +58,7 @@ def cases(opts: Options) -> list[Case]:
 
 
 def run_checks(rank: int, n: int, device, opts: Options, progress=lambda step: None) -> list[Row]:
-    """Every rank of the world calls this; each returns the same rows (figures reduced).
-
-    A backend that does not take a row's targets (``fused`` and labels) skips it.
-    """
+    """Every rank of the world calls this; each returns the same rows (figures reduced)."""
     backends = opts.backends or default_backends(device)
     sizes = split_sizes(opts.batch, n)
     img, txt = (
@@ -74,11 +71,10 @@ def run_checks(rank: int, n: int, device, opts: Options, progress=lambda step: N
     torch.set_float32_matmul_precision("highest")  # only the precision argument rounds
     try:
         for case in cases(opts):
-            mine = [b for b in backends if takes(b, case.targets)]
-            for precision in opts.precisions if mine else ():
+            for precision in opts.precisions:
                 progress(f"float64 truth and plain fp32, {precision}, {case.describe()}")
                 truth = Truth.compute(case, precision, img, txt, sizes, extras)
-                for backend in mine:
+                for backend in backends:
                     progress(case.step(backend, precision))
                     if fault == "raise":
                         raise RuntimeError(

@@ -78,6 +78,6 @@ def _report(opts: Options, n: int, where: str, outcome: Outcome, ok: bool) -> No
     if opts.targets:
         header += describe(opts.batch, n)
     if outcome.rows:
-        print(render(outcome.rows, header, opts.targets))
+        print(render(outcome.rows, header))
     if outcome.error:
         print(f"palmtree verify: {outcome.error}", file=sys.stderr)

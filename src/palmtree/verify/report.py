@@ -28,9 +28,9 @@ LEGEND = (
 )
 
 
-def render(rows: list[dict], header: str, targets=()) -> str:
-    """The text report: ``header``, one table per loss (and per loss with ``targets``),
-    what was skipped, the legend, the count of passes."""
+def render(rows: list[dict], header: str) -> str:
+    """The text report: ``header``, one table per loss (and per loss with targets), the
+    legend, the count of passes."""
     lines = [header]
     for loss, targeted, title in TABLES:
         mine = [
@@ -38,21 +38,9 @@ def render(rows: list[dict], header: str, targets=()) -> str:
         ]
         if mine:
             lines += ["", title, *_table(mine, loss, targeted)]
-    lines += [f"skipped: {note}" for note in skipped(rows, targets)]
     passed = sum(r["passed"] for r in rows)
     lines += ["", LEGEND + textwrap.fill(EXACT, 88), f"{passed} of {len(rows)} rows passed."]
     return "\n".join(lines)
-
-
-def skipped(rows: list[dict], targets) -> list[str]:
-    """What was not run, and why: ``fused``'s rows of the labels among ``targets``."""
-    labels = [t for t in targets if t in ("positive", "ignore")]
-    if labels and any(r["backend"] == "fused" for r in rows):
-        return [
-            f"fused's {' and '.join(labels)} rows: its kernels take no labels yet "
-            "(backend='auto' runs chunked for labels)"
-        ]
-    return []
 
 
 def _table(rows: list[dict], loss: str, targeted: bool) -> list[str]:
@@ -90,7 +78,6 @@ def to_json(
         "dim": opts.dim,
         "seed": opts.seed,
         "rows": rows or [],
-        "skipped": skipped(rows or [], opts.targets),
         "error": error,
     }
     return json.dumps(report, indent=2)

@@ -6,9 +6,9 @@ Each loss gets three more rows per backend and precision, at the largest tempera
 * ``positive``: the labels ``i % 3`` over the global batch (three items, each spread over
   every rank) under ``same_label="positive"``, and the extra negatives;
 * ``ignore``: the same labels under ``same_label="ignore"``, and the negatives;
-* ``negatives``: the negatives alone, no labels: the only one of the three that the
-  ``fused`` backend takes (its kernels compare no labels yet; its labels rows are not
-  run, and the report says so).
+* ``negatives``: the negatives alone, no labels.
+
+Every backend runs all three (``fused`` compares the ids in its kernels' tiles).
 
 The negatives are hard ones: each is the text of a pair of the batch with as much noise
 again, so its similarity to that pair's image is close to the positive's. There are
@@ -39,11 +39,6 @@ def negative_sizes(B: int, n: int) -> list[int]:
     for r in sorted(range(n), key=lambda r: -weights[r])[: K - sum(sizes)]:
         sizes[r] += 1  # the remainder goes to the largest shares
     return sizes
-
-
-def takes(backend: str, targets: str | None) -> bool:
-    """Whether ``backend`` runs the row: ``fused`` takes negatives but no labels yet."""
-    return backend != "fused" or SAME_LABEL.get(targets) is None
 
 
 @dataclass(frozen=True)
