@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import importlib
 import inspect
+import itertools
 import json
 import pkgutil
 import warnings
@@ -134,11 +135,17 @@ def fused_planned_for(target: Target, bwd_mode: str, overrides: dict | None) -> 
         backends.fused_can_run, fused.TilePlan.for_problem = saved
 
 
+#: The calls' ``same_label``, by the tag their phases carry: no labels, then same-item
+#: labels (three items) as positives and as ignored pairs, each a kernel variant.
+_SAME_LABEL = {"": None, " labels=positive": "positive", " labels=ignore": "ignore"}
+
+
 def record_launches(
     dim: int, precision: str, target: Target, overrides: dict | None = None
 ) -> list[Launch]:
     """The launches of one ``clip_loss`` and one ``siglip_loss`` (``backend="fused"``)
-    forward and backward per ``bwd_mode``, labelled ``"<phase> #<n>"``: the n-th launch of
+    forward and backward per ``bwd_mode``, without labels and with either kind
+    (:data:`_SAME_LABEL`), labelled ``"<phase> #<n>"``: the n-th launch of
     the phase (``forward``, ``backward <bwd_mode>``, ``siglip forward``, ...); a launch
     repeated alike (a forward, once per mode) is kept once. The kernels do not run: their
     outputs stay uninitialised, and the host code between launches does not branch on them.
@@ -155,18 +162,20 @@ def record_launches(
     log_scale = torch.tensor(2.66, requires_grad=True)
     bias = torch.tensor(-10.0, requires_grad=True)
     kw = dict(backend="fused", precision=precision, check_finite=False)
+    labels = torch.arange(RECORD_ROWS) % 3
     recorder = Recorder()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # arithmetic on uninitialised outputs
-        for mode in fused.BWD_MODES:
+        for mode, (tag, same) in itertools.product(fused.BWD_MODES, _SAME_LABEL.items()):
+            call = dict(kw) if same is None else dict(kw, labels=labels, same_label=same)
             with fused_planned_for(target, mode, overrides), recorder.recording(jit_function):
-                recorder.phase("forward")
-                loss = clip_loss(img, txt, log_scale, **kw).loss
-                recorder.phase(f"backward {mode}")
+                recorder.phase(f"forward{tag}")
+                loss = clip_loss(img, txt, log_scale, **call).loss
+                recorder.phase(f"backward {mode}{tag}")
                 loss.backward()
-                recorder.phase("siglip forward")
-                loss = siglip_loss(img, txt, log_scale, bias, **kw).loss
-                recorder.phase(f"siglip backward {mode}")
+                recorder.phase(f"siglip forward{tag}")
+                loss = siglip_loss(img, txt, log_scale, bias, **call).loss
+                recorder.phase(f"siglip backward {mode}{tag}")
                 loss.backward()
     out, seen = [], set()
     for label, fn, args, kwargs in recorder.launches:

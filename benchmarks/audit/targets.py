@@ -42,8 +42,20 @@ TARGETS = {
 #: Open findings: ``(launch, precision, D, target)`` of the current plan that spill where
 #: the plan promises they do not. ``launch`` is the phase and the launch's place in it
 #: (see :func:`record_launches`). Each is for the kernels' owner to fix in ``TilePlan``;
-#: the audit fails once one no longer spills, until it is removed here.
-KNOWN_SPILLS: frozenset[tuple[str, str, int, str]] = frozenset()
+#: the audit fails once one no longer spills, until it is removed here. Open: the
+#: same-item labels' variants, which hold a few more values per tile (the ids, the
+#: targets' sums and weights) and spill 8 to 72 bytes at the plain passes' block sizes;
+#: whether smaller blocks for them cost less than the spills is for a run on the card.
+KNOWN_SPILLS: frozenset[tuple[str, str, int, str]] = frozenset(
+    {
+        ("backward atomic labels=positive #1", "bf16", 64, "sm_90"),
+        ("backward atomic labels=positive #1", "ieee", 512, "sm_90"),
+        ("backward atomic labels=positive #1", "tf32", 64, "sm_90"),
+        ("backward atomic labels=positive #1", "tf32", 512, "sm_90"),
+        ("backward two_kernels labels=ignore #2", "ieee", 128, "sm_90"),
+        *(("forward labels=positive #1", "ieee", d, "sm_90") for d in DIMS),
+    }
+)
 
 #: Plans that must fail the audit, so that a broken measurement cannot pass it: a forward
 #: tile far too large for one warp's registers, and one far too large for shared memory.
