@@ -3,7 +3,7 @@
 With every pair its own item (or same-item pairs ignored), each row's and each column's
 only target is its own pair: the loss measures the softmax against the positive logit,
 and the temperature's gradient each similarity against the positive's. With same-item
-positives (docs/design.md §11) a row's target is uniform over its item's ``|P|`` columns:
+positives (docs/design.md §10) a row's target is uniform over its item's ``|P|`` columns:
 the loss is measured against the *mean* logit over them, the temperature's gradient
 against the mean similarity, and ``G`` subtracts ``w / |P|`` at every target. The means
 come from the kernels' sums of each other target's difference to the own pair's

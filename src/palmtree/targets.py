@@ -1,4 +1,4 @@
-"""Global targets: same-item labels and extra negative columns (docs/design.md §11).
+"""Global targets: same-item labels and extra negative columns (docs/design.md §10).
 
 ``labels`` give each pair an item id; pairs anywhere in the global batch with equal ids
 are the same item. ``same_label="positive"`` makes them each other's positives (CLIP:
