@@ -17,13 +17,15 @@ DIM = 16
 
 
 def loss_fn(kind: str, backend: str, **options):
-    """``f(img, txt, log_scale, bias) -> (loss, loss_global)`` through the functional loss."""
+    """``f(img, txt, log_scale, bias, labels=None) -> (loss, loss_global)`` through the
+    functional loss (``options`` may name ``same_label`` for the calls with labels)."""
 
-    def f(img, txt, scale, bias):
+    def f(img, txt, scale, bias, labels=None):
+        kw = options if labels is None else {**options, "labels": labels}
         if kind == "clip":
-            out = palmtree.clip_loss(img, txt, scale, backend=backend, **options)
+            out = palmtree.clip_loss(img, txt, scale, backend=backend, **kw)
         else:
-            out = palmtree.siglip_loss(img, txt, scale, bias, backend=backend, **options)
+            out = palmtree.siglip_loss(img, txt, scale, bias, backend=backend, **kw)
         return out.loss, out.loss_global
 
     return f
@@ -37,10 +39,10 @@ def leaves(img, txt):
     return img.clone().requires_grad_(), txt.clone().requires_grad_(), scale, bias
 
 
-def run_step(fn, img, txt) -> dict:
+def run_step(fn, img, txt, labels=None) -> dict:
     """One forward and backward of ``fn``: the loss, ``loss_global`` and the gradients."""
     i, t, s, b = leaves(img, txt)
-    loss, loss_global = fn(i, t, s, b)
+    loss, loss_global = fn(i, t, s, b, *([] if labels is None else [labels]))
     loss.backward()
     grads = {"d_img": i.grad, "d_txt": t.grad, "d_scale": s.grad.reshape(())}
     grads["d_bias"] = torch.zeros(()) if b.grad is None else b.grad
@@ -56,21 +58,32 @@ def slice_of(rank: int, sizes: list[int], *tensors):
     return [x[o : o + sizes[rank]] for x in tensors]
 
 
-def ranks_compiled_and_eager(rank, n, kind, backend, splits, compiler="aot_eager") -> dict:
+def step_labels(B: int) -> torch.Tensor:
+    """The labels of a global batch of ``B`` pairs in the runs with labels: three items,
+    each spread over every rank."""
+    return torch.arange(B) % 3
+
+
+def ranks_compiled_and_eager(
+    rank, n, kind, backend, splits, compiler="aot_eager", same_label=None
+) -> dict:
     """On every rank: each split of a seeded global batch through the compiled loss and
     through eager, one after the other (the compiled function is compiled once, then
-    reused); also how many graphs Dynamo compiled, and the graph breaks
-    ``torch._dynamo.explain`` finds in the first."""
+    reused), with :func:`step_labels` under ``same_label`` if it is given; also how many
+    graphs Dynamo compiled, and the graph breaks ``torch._dynamo.explain`` finds in the
+    first."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    fn = loss_fn(kind, backend)
+    fn = loss_fn(kind, backend, **({} if same_label is None else {"same_label": same_label}))
     cfn = compiled(fn, compiler)
     steps = []
     for k, sizes in enumerate(splits):
         img, txt = make_pairs(sum(sizes), DIM, seed=40 + k)
-        mine = slice_of(rank, sizes, img, txt)
+        mine = slice_of(rank, sizes, img, txt, step_labels(sum(sizes)))
+        if same_label is None:
+            mine = mine[:2]
         steps.append({"compiled": run_step(cfn, *mine), "eager": run_step(fn, *mine)})
     graphs = int(counters["stats"]["unique_graphs"])
     img, txt = make_pairs(sum(splits[0]), DIM, seed=40)

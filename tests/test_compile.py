@@ -29,6 +29,7 @@ from compile_cases import (
     loss_fn,
     ranks_compiled_and_eager,
     run_step,
+    step_labels,
 )
 from world import World
 
@@ -54,16 +55,19 @@ def assert_same_as_eager(got: dict, want: dict, where: str = "") -> None:
         assert_close(f"{name}{where}", got[name], want[name])
 
 
-def check_truth(kind: str, results: list[dict], img, txt, sizes, where: str = "") -> None:
+def check_truth(
+    kind: str, results: list[dict], img, txt, sizes, where: str = "", **targets
+) -> None:
     """Every rank's loss, the joined feature gradients and the scale's (and bias's) mean
-    gradient against float64, as tests/test_distributed.py checks eager calls."""
+    gradient against float64, as tests/test_distributed.py checks eager calls
+    (``targets``: the truths' ``labels`` and ``same_label``)."""
     n = len(sizes)
     if kind == "clip":
-        exact = testing.clip_truth(img, txt, LOG_10, sizes=sizes)
-        plain = testing.plain_fp32(img, txt, LOG_10, sizes=sizes)
+        exact = testing.clip_truth(img, txt, LOG_10, sizes=sizes, **targets)
+        plain = testing.plain_fp32(img, txt, LOG_10, sizes=sizes, **targets)
     else:
-        exact = testing.siglip_truth(img, txt, LOG_10, BIAS, sizes=sizes)
-        plain = testing.plain_fp32_siglip(img, txt, LOG_10, BIAS, sizes=sizes)
+        exact = testing.siglip_truth(img, txt, LOG_10, BIAS, sizes=sizes, **targets)
+        plain = testing.plain_fp32_siglip(img, txt, LOG_10, BIAS, sizes=sizes, **targets)
     for rank, r in enumerate(results):
         bound = n * float(exact.share_bounds[rank])
         testing.check_scalar(f"loss{where} rank {rank}", r["loss"], n * exact.shares[rank], bound)
@@ -250,6 +254,27 @@ def test_two_ranks_compiled_equal_eager_and_float64(world, kind, backend):
             assert_same_as_eager(step["compiled"], step["eager"], f"{where} rank {rank}")
         img, txt = testing.make_pairs(sum(sizes), DIM, seed=40 + k)
         check_truth(kind, [r["steps"][k]["compiled"] for r in results], img, txt, sizes, where)
+
+
+@pytest.mark.parametrize("same_label", ["positive", "ignore"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_ranks_compiled_with_labels(world, kind, same_label):
+    """Same-item labels under ``torch.compile(fullgraph=True)`` on two ranks: the ids'
+    gather and the counts from sorted ids trace whole (0 graph breaks, at most 3 graphs
+    over five splits), and each step equals eager and one float64 process."""
+    args = (kind, "chunked", SPLITS, "aot_eager", same_label)
+    results = world.run(ranks_compiled_and_eager, *args)
+    for rank, r in enumerate(results):
+        assert r["breaks"] == 0 and r["graphs"] <= 3, (rank, r["breaks"], r["graphs"])
+    for k, sizes in enumerate(SPLITS):
+        where = f" at {sizes} ({same_label})"
+        for rank, r in enumerate(results):
+            step = r["steps"][k]
+            assert_same_as_eager(step["compiled"], step["eager"], f"{where} rank {rank}")
+        img, txt = testing.make_pairs(sum(sizes), DIM, seed=40 + k)
+        labels = step_labels(sum(sizes))
+        steps = [r["steps"][k]["compiled"] for r in results]
+        check_truth(kind, steps, img, txt, sizes, where, labels=labels, same_label=same_label)
 
 
 def test_two_ranks_compiled_refuse_an_empty_rank(world):
