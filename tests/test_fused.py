@@ -68,16 +68,12 @@ def backward_shifts(u, v, scale, offset, seed):
     w_row = torch.full((b,), 0.7, dtype=torch.float64)
     w_col = 0.5 + torch.rand(big, generator=g, dtype=torch.float64)
     row_max, col_max = s.amax(1), s.amax(0)
-    row_sum = torch.exp(s - row_max[:, None]).sum(1)
-    col_sum = torch.exp(s - col_max).sum(0)
-    inputs = (
-        row_max,
-        w_row / row_sum,
-        col_max,
-        w_col / col_sum,
-        w_row + w_col[offset : offset + b],
-        pair_dot,
-    )
+    e_row, e_col = torch.exp(s - row_max[:, None]), torch.exp(s - col_max)
+    row_sum, col_sum = e_row.sum(1), e_col.sum(0)
+    e_row[rows, offset + rows] = e_col[rows, offset + rows] = 0.0  # the negatives only
+    own = slice(offset, offset + b)
+    pos_grad = -(w_row * e_row.sum(1) / row_sum + w_col[own] * e_col.sum(0)[own] / col_sum[own])
+    inputs = (row_max, w_row / row_sum, col_max, w_col / col_sum, pos_grad, pair_dot)
     return [t.float() for t in inputs]
 
 
@@ -96,7 +92,7 @@ def exact(u, v, scale, offset, shifts, precision="ieee"):
     p_row = row_coef[:, None] * torch.exp(s - row_shift[:, None])
     p_col = col_coef * torch.exp(s - col_shift)
     g = p_row + p_col
-    g[rows, offset + rows] -= pos
+    g[rows, offset + rows] = pos
     # base.py's dscale: each similarity against its row's and its column's pair, the
     # positives' terms left out.
     dot = u @ v.T
@@ -295,16 +291,18 @@ def emulated_ranks(kernels, u, v, scale, sizes, precision):
         pair_dot.append(pair_dots(u[o : o + b], v[o : o + b], precision))
     pair_dot = torch.cat(pair_dot)
     col_max = torch.stack([st.col_max for st in stats]).amax(0)
-    col_sum = torch.zeros_like(col_max)
+    col_sum, col_neg = torch.zeros_like(col_max), torch.zeros_like(col_max)
     for o, b, st in zip(offsets, sizes, stats, strict=True):
         full = st.col_neg.clone()
         full[o : o + b] += torch.exp(st.diag - st.col_max[o : o + b])
         col_sum += full * torch.exp(st.col_max - col_max)
+        col_neg += st.col_neg * torch.exp(st.col_max - col_max)
     w = 1.0 / (2 * big)
     du, dv, dscale = [], torch.zeros_like(v), 0.0
     for o, b, st in zip(offsets, sizes, stats, strict=True):
-        pos_weight = torch.full((b,), 2 * w)
-        coefs = (st.row_max, w / st.row_sum, col_max, w / col_sum, pos_weight)
+        own = slice(o, o + b)  # G at the positives as the protocol forms it (clip_terms)
+        pos_grad = -(w / st.row_sum * st.row_neg + w / col_sum[own] * col_neg[own])
+        coefs = (st.row_max, w / st.row_sum, col_max, w / col_sum, pos_grad)
         terms = GradientTerms(*coefs, diag=st.diag, pair_dot=pair_dot)
         grads = kernels.backward(u[o : o + b], v, scale, o, precision, 5, terms)
         du.append(grads[0])
@@ -351,29 +349,27 @@ def _exact_clip_gradients(u, v, scale):
     return ref.d_img, ref.d_txt, ref.d_scale / raw, ref.d_scale_bound / raw
 
 
-def test_a_recomputed_positive_would_fail_the_rule():
-    """The rule has teeth: the same backward given a positive one ulp away from the
-    forward's (what a differently rounded recompute does) fails it."""
-    u, v = unit_pairs(67, 24, seed=12, kind="aligned")
-    scale = torch.tensor(100.0)
-    kernels = ChunkedKernels()
-    stats = kernels.forward(u, v, scale, 0, "ieee", None)
+def test_the_positives_gradient_does_not_read_a_recomputed_logit():
+    """``G`` at a positive is the protocol's ``pos_grad`` (formed from the forward's sums,
+    ``1 - p = neg / sum``): a positive logit one ulp away from the forward's (what a
+    differently rounded recompute gives) leaves every gradient bit for bit as it was,
+    in chunked and in fused alike. (Formed from the tile's ``p - w``, it would move by
+    ``w * eps * scale`` where the truth is ~0.)"""
+    u, v = (x.to(DEVICE) for x in unit_pairs(67, 24, seed=12, kind="aligned"))
+    scale = torch.tensor(100.0, device=DEVICE)
     w = 1.0 / (2 * 67)
-    col_sum = stats.col_neg + torch.exp(stats.diag - stats.col_max)
-    nudged = torch.nextafter(stats.diag, torch.full_like(stats.diag, math.inf))
-    terms = GradientTerms(
-        stats.row_max,
-        w / stats.row_sum,
-        stats.col_max,
-        w / col_sum,
-        torch.full((67,), 2 * w),
-        nudged,
-        pair_dots(u, v, "ieee"),
-    )
-    du = kernels.backward(u, v, scale, 0, "ieee", None, terms)[0]
-    plain = emulated_ranks(kernels, u, v, scale, [67], "ieee")[0]
-    with pytest.raises(AssertionError, match="du"):
-        testing.check_tensor("du", du, plain, _exact_clip_gradients(u, v, 100.0)[0])
+    for kernels in (ChunkedKernels(), FusedKernels()):
+        st = kernels.forward(u, v, scale, 0, "ieee", None)
+        col_sum = st.col_neg + torch.exp(st.diag - st.col_max)
+        pos_grad = -(w / st.row_sum * st.row_neg + w / col_sum * st.col_neg)
+        coefs = (st.row_max, w / st.row_sum, st.col_max, w / col_sum, pos_grad)
+        nudged = torch.nextafter(st.diag, torch.full_like(st.diag, math.inf))
+        grads = []
+        for diag in (st.diag, nudged):
+            terms = GradientTerms(*coefs, diag, pair_dots(u, v, "ieee"))
+            grads.append(kernels.backward(u, v, scale, 0, "ieee", None, terms))
+        for a, b in zip(*grads, strict=True):
+            assert torch.equal(a, b), kernels.name
 
 
 def test_bad_inputs_are_rejected():

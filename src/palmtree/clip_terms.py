@@ -72,8 +72,17 @@ def gradient_terms(
     """The kernels' :class:`~palmtree.backends.base.GradientTerms` from the ranks'
     ``weights`` (their upstream gradients over ``2B``, times ``N``) and the forward's
     saved tensors. The extra negatives' columns have no softmax of their own: shift
-    ``inf`` and coefficient 0 make their column part exactly 0."""
-    row_max, row_sum, col_max, col_sum, diag, pair_dot, col_dot, row_dot = saved[3:]
+    ``inf`` and coefficient 0 make their column part exactly 0.
+
+    ``G`` at each own positive (``pos_grad``) is formed here. With the diagonal the only
+    target it is ``w (p - 1)`` per direction, and ``1 - p`` is the negatives' share of
+    the softmax, ``neg / sum``: so ``-(w_row neg_row / sum_row + w_col neg_col / sum_col)``,
+    no cancellation where the softmax peaks (``p - 1`` formed from ``p`` would leave
+    ``eps * w`` where the truth is far smaller). With same-item positives the target is
+    ``w / |P|``, and ``p - w / |P|`` is formed as ``coef ((|P| - 1) e - neg) / |P|``
+    (``e`` the positive's exp): the same form for an item of one pair."""
+    row_max, row_sum, col_max, col_sum, diag, pair_dot, col_dot, row_dot = saved[3:11]
+    row_neg, col_neg = saved[11:13]  # the negatives' sums: each own row's, own column's
     offset, b = layout.offset, layout.b_local
     own = slice(offset, offset + b)
     w_row = weights[layout.rank].expand(b)
@@ -82,15 +91,21 @@ def gradient_terms(
     col_coef = padded(w_col / col_sum, extra)
     rows = (row_max, w_row / row_sum, col_shift, col_coef)
     pair_dot = padded(pair_dot, extra)
+    row_coef, own_coef = rows[1], col_coef[own]
     if targets is None or targets.ignore:
-        pos_weight = w_row + w_col[own]
-        return GradientTerms(*rows, pos_weight, diag, pair_dot, targets)
+        pos_grad = -(row_coef * row_neg + own_coef * col_neg)
+        return GradientTerms(*rows, pos_grad, diag, pair_dot, targets)
     counts = targets.counts
     row_target = w_row / counts[own]
     col_target = padded(w_col / counts, extra)
-    pos_weight = row_target + col_target[own]
+    # p - w / |P| = coef ((|P| - 1) e - neg) / |P| per direction (e: the positive's exp):
+    # exactly the form above for an item of one pair, a true difference for larger ones.
+    c = counts[own]
+    row_part = row_coef * ((c - 1) * torch.exp(diag - row_max) - row_neg)
+    col_part = own_coef * ((c - 1) * torch.exp(diag - col_max[own]) - col_neg)
+    pos_grad = (row_part + col_part) / c
     means = (row_dot, col_dot, row_target, col_target)
-    return GradientTerms(*rows, pos_weight, diag, pair_dot, targets, *means)
+    return GradientTerms(*rows, pos_grad, diag, pair_dot, targets, *means)
 
 
 def pairs_hint(negatives, targets, B) -> dict:

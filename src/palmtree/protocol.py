@@ -197,6 +197,8 @@ class SinglePassLoss(torch.autograd.Function):
             pair_dot,
             means.col_dot,
             means.row_dot,
+            stats.row_neg,
+            col_neg[own],
         )
         ctx.mark_non_differentiable(sums)
         return layout.world_size * share, sums

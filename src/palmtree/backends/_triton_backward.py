@@ -4,10 +4,11 @@ The gradient tile is symmetric in its two sides. With the *own* side the one a p
 accumulates a gradient for and the *other* side the one it streams,
 
     G[x, y] = own_coef[x] exp(S[x, y] - own_shift[x]) + other_coef[y] exp(S[x, y] - other_shift[y])
-              - [y == x + pos_shift] * pos_weight[x + pos_w_shift]
+    G[x, x + pos_shift] = pos_grad[x + pos_w_shift]
 
-where ``S`` at a positive is the forward's ``diag[x + pos_w_shift]`` rather than the
-recomputed product (the sums and maxima were made from that value; see
+where ``pos_grad`` is formed by the protocol without cancellation and ``S`` at a
+positive, where the temperature's terms read it, is the forward's
+``diag[x + pos_w_shift]`` rather than the recomputed product (see
 :mod:`palmtree.backends.base`). So one kernel serves the rows (own = ``U``) and the
 columns (own = ``V``, the tile being ``S^T``). A program owns ``BLOCK_OWN`` rows of its
 side and a range of the other side's tiles; for each tile it recomputes ``S`` as the
@@ -44,7 +45,7 @@ def _grad_kernel(
     OWN_COEF,
     OTHER_SHIFT,
     OTHER_COEF,
-    POS_WEIGHT,
+    POS_GRAD,
     DIAG,
     PAIR_DOT,
     OWN_IDS,
@@ -95,7 +96,7 @@ def _grad_kernel(
     o_coef = tl.load(OWN_COEF + own, mask=own_ok, other=0.0)
     pos_at = own + pos_w_shift
     pos_ok = own_ok & (pos_at >= 0) & (pos_at < n_pos)
-    pos_w = tl.load(POS_WEIGHT + pos_at, mask=pos_ok, other=0.0)
+    pos_g = tl.load(POS_GRAD + pos_at, mask=pos_ok, other=0.0)
     pos_s = tl.load(DIAG + pos_at, mask=pos_ok, other=0.0)
     if WITH_DSCALE and not SIGMOID:
         # <u, v> of each own row's pair (its positive is other row own + pos_shift).
@@ -193,7 +194,7 @@ def _grad_kernel(
                     terms = tl.where(positive, 0.0, p_own * (dot - own_pair[:, None]))
                     ds += tl.sum(terms, axis=1)
             g = p_own + p_oth
-            g = tl.where(positive, g - pos_w[:, None], g)
+            g = tl.where(positive, pos_g[:, None], g)
             if LABELS and not IGNORE:  # each other target's weights, row's and column's
                 oth_t = tl.load(OTHER_TARGET + oth, mask=oth_ok, other=0.0)
                 g = tl.where(same, g - (own_t[:, None] + oth_t[None, :]), g)
@@ -250,9 +251,10 @@ def _grad_kernel(
 @dataclass(frozen=True)
 class _Positives:
     """Where the positives of a launch are: own row ``x``'s is other row ``x + shift``;
-    its weight and forward logit are ``weight[x + w_shift]`` and ``diag[x + w_shift]``."""
+    its ``G`` and forward logit are ``grad[x + w_shift]`` and ``diag[x + w_shift]`` (the
+    sigmoid loss forms its own ``G``: any ``[b]`` tensor stands in)."""
 
-    weight: torch.Tensor
+    grad: torch.Tensor
     diag: torch.Tensor | None
     shift: int
     w_shift: int
@@ -321,7 +323,7 @@ def _own_grad(
     dbias = torch.empty_like(dscale)
     _grad_kernel[(blocks, n_split)](
         **_inputs(own, other, scale, own_terms, other_terms, pos, bias, pair_dot),
-        **_label_inputs(labels, pos.weight),
+        **_label_inputs(labels, pos.grad),
         D_OWN=partials,
         D_OTHER=d_other if d_other is not None else partials,
         DSCALE=dscale,
@@ -354,9 +356,9 @@ def _inputs(own, other, scale, own_terms, other_terms, pos: _Positives, bias, pa
         OWN_COEF=own_terms[1],
         OTHER_SHIFT=other_terms[0],
         OTHER_COEF=other_terms[1],
-        POS_WEIGHT=pos.weight,
-        DIAG=pos.diag if pos.diag is not None else pos.weight,  # unread without a diag
-        PAIR_DOT=pair_dot if pair_dot is not None else pos.weight,  # read only by dscale
+        POS_GRAD=pos.grad,
+        DIAG=pos.diag if pos.diag is not None else pos.grad,  # unread without a diag
+        PAIR_DOT=pair_dot if pair_dot is not None else pos.grad,  # read only by dscale
         BIAS=bias if bias is not None else scale,
     )
 
@@ -386,7 +388,7 @@ def _sizes(own, other, pos: _Positives) -> dict:
         n_own=own.shape[0],
         n_other=other.shape[0],
         D=own.shape[1],
-        n_pos=pos.weight.shape[0],
+        n_pos=pos.grad.shape[0],
         pos_shift=pos.shift,
         pos_w_shift=pos.w_shift,
         stride_own=own.stride(0),
@@ -415,7 +417,7 @@ def backward_grads(block, terms):
     rows, cols = (terms.row_shift, terms.row_coef), (terms.col_shift, terms.col_coef)
     labels = _sides(terms.targets, block.offset, block.uq.shape[0], terms)
     du, dv, dscale, _ = _both_sides(
-        block, rows, cols, terms.pos_weight, terms.diag, terms.targets, labels, terms.pair_dot
+        block, rows, cols, terms.pos_grad, terms.diag, terms.targets, labels, terms.pair_dot
     )
     return du, dv, dscale
 
@@ -431,7 +433,7 @@ def sigmoid_backward_grads(block, bias, row_weight, targets=None):
     return _both_sides(block, rows, cols, row_weight, None, targets, labels, bias=bias)
 
 
-def _both_sides(block, rows, cols, pos_weight, diag, targets, labels, pair_dot=None, bias=None):
+def _both_sides(block, rows, cols, pos_grad, diag, targets, labels, pair_dot=None, bias=None):
     """dU from programs owning rows, dV from programs owning columns (or atomically).
 
     Row ``i``'s positive is column ``offset + i``; column ``j``'s is row ``j - offset``,
@@ -441,7 +443,7 @@ def _both_sides(block, rows, cols, pos_weight, diag, targets, labels, pair_dot=N
     uq, vq, scale, offset = block.uq, block.vq, block.scale, block.offset
     common = dict(precision=block.precision, plan=block.plan, bias=bias, pair_dot=pair_dot)
     common["ignore"] = targets is not None and targets.ignore
-    row_pos = _Positives(pos_weight, diag, offset, 0)
+    row_pos = _Positives(pos_grad, diag, offset, 0)
     d_other = None
     if block.plan.bwd_mode == "atomic":
         d_other = torch.zeros(vq.shape, dtype=torch.float32, device=vq.device)
@@ -460,7 +462,7 @@ def _both_sides(block, rows, cols, pos_weight, diag, targets, labels, pair_dot=N
     )
     if d_other is not None:
         return du, d_other, dscale, dbias
-    col_pos = _Positives(pos_weight, diag, -offset, -offset)
+    col_pos = _Positives(pos_grad, diag, -offset, -offset)
     flipped = None if labels is None else labels[::-1]
     dv, _, _ = _own_grad(
         vq, uq, scale, cols, rows, col_pos, own_is_u=False, labels=flipped, **common

@@ -15,8 +15,8 @@ the sum leaves out the positive, and the positives themselves. ``backward`` is g
 column, and builds
 
     G[i, j] = row_coef[i] * exp(S[i, j] - row_shift[i])
-            + col_coef[j] * exp(S[i, j] - col_shift[j])
-            - [j == offset + i] * pos_weight[i]
+            + col_coef[j] * exp(S[i, j] - col_shift[j])        (j != offset + i)
+    G[i, offset + i] = pos_grad[i]
 
 then returns ``dU = scale * G @ V``, ``dV = scale * G^T @ U`` (this rank's partial for
 every column; the protocol sums the partials across ranks) and, with ``dot = U V^T``,
@@ -26,7 +26,9 @@ every column; the protocol sums the partials across ranks) and, with ``dot = U V
 
 where ``c = pair_dot`` holds ``<u_k, v_k>`` of every global pair ``k`` and
 ``d[i] = c[offset + i]`` (no division by ``scale``, which may be 0). With the protocol's
-coefficients each softmax sums to one and ``pos_weight`` is its two weights' sum, so this
+coefficients each softmax sums to one and ``pos_grad`` is ``G`` at the positive, formed
+by the protocol from the forward's negatives' sums (:func:`palmtree.clip_terms.
+gradient_terms`: at a peaked softmax ``p - w`` formed from ``p`` would cancel), so this
 is ``sum_ij G[i, j] dot[i, j]`` with each positive's term spread over its row's and its
 column's differences. It is formed so because at a peaked softmax ``sum G * dot`` adds
 terms of size ``weight`` that cancel to ``weight * loss`` (``eps / loss`` relative
@@ -41,11 +43,13 @@ Two rules keep ``G`` exact where it cancels (docs/design.md, "Recompute"):
   ``coef * exp(S - shift)`` is the weighted softmax normalised as a plain softmax is; a
   log-sum-exp shift would bias every probability by the rounding of the log-sum-exp
   itself (``eps * |lse|``, large at scale 100);
-* at the positive, ``S[i, offset + i]`` is the forward's ``diag[i]``, never a recomputed
-  product. The sums were made from that value; at a peaked softmax the positive's
-  ``p - w`` cancels, and a recomputed logit one ulp away (another product routine,
-  orientation or summation order) would leave ``w * eps * scale`` of error where the
-  truth is ~0.
+* at the positive, ``G`` is ``pos_grad``, which the protocol forms from the forward's
+  sums (``1 - p = neg / sum``), never from a recomputed product: at a peaked softmax
+  ``p - w`` cancels, a recomputed logit one ulp away (another product routine,
+  orientation or summation order) would leave ``w * eps * scale`` of error, and even the
+  forward's own logit leaves ``w * eps`` where the truth is ~0. Where a kernel still
+  needs ``S`` at the positive (the temperature's terms with same-item positives), it is
+  the forward's ``diag[i]``.
 """
 
 from __future__ import annotations
@@ -111,8 +115,9 @@ class ForwardStats:
 class GradientTerms:
     """What :meth:`Kernels.backward` needs to rebuild ``G`` (all fp32; see the module docstring).
 
-    row_shift, row_coef: [b]; col_shift, col_coef: [B]; pos_weight: [b], subtracted at
-    each local row's positive; diag: [b], the forward's positive logits; pair_dot: [B],
+    row_shift, row_coef: [b]; col_shift, col_coef: [B]; pos_grad: [b], ``G`` at each local
+    row's positive (not formed from the tile: the protocol forms it without
+    cancellation); diag: [b], the forward's positive logits; pair_dot: [B],
     ``<u_k, v_k>`` of every global pair from the rounded operands (``dscale``'s
     differences; computed by the rank holding pair ``k``).
     """
@@ -121,7 +126,7 @@ class GradientTerms:
     row_coef: torch.Tensor
     col_shift: torch.Tensor
     col_coef: torch.Tensor
-    pos_weight: torch.Tensor
+    pos_grad: torch.Tensor
     diag: torch.Tensor
     pair_dot: torch.Tensor
     #: With same-item positives: ``targets``, what the ``dscale`` differences are taken
@@ -138,7 +143,7 @@ class GradientTerms:
     def to_f32(self) -> GradientTerms:
         """Detached, contiguous fp32 copies (views the protocol hands in may be strided)."""
         fields = (self.row_shift, self.row_coef, self.col_shift, self.col_coef)
-        rest = (self.pos_weight, self.diag, self.pair_dot)
+        rest = (self.pos_grad, self.diag, self.pair_dot)
         copies = [t.detach().to(torch.float32).contiguous() for t in fields + rest]
         extra = [
             None if t is None else t.detach().to(torch.float32).contiguous()

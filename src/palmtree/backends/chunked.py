@@ -109,7 +109,7 @@ class ChunkedKernels:
             del dot  # in tf32/bf16 modes the rounded gradient takes this memory
             g = p_row.add_(p_col) if columns else p_row
             if where is not None:
-                g[where[0], where[1]] -= terms.pos_weight[where[0]]
+                g[where[0], where[1]] = terms.pos_grad[where[0]]
             add_products(du, dv[c0:c1], cast_operand(g, precision), uq, vq, precision)
         return du.mul_(scale), dv.mul_(scale), dscale
 

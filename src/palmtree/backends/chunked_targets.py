@@ -154,7 +154,7 @@ def backward_with_targets(u, v, scale, offset, precision, chunk_size, terms: Gra
         dscale += without_positives(col_terms, keep).sum()
         g = p_row.add_(p_col)
         if where is not None:
-            g[where[0], where[1]] -= terms.pos_weight[where[0]]
+            g[where[0], where[1]] = terms.pos_grad[where[0]]
         if positive:
             target = torch.add(terms.row_target[:, None], terms.col_target[None, c0:c1], out=tmp)
             g.sub_(target.mul_(same_off))
