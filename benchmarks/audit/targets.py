@@ -53,6 +53,7 @@ KNOWN_SPILLS: frozenset[tuple[str, str, int, str]] = frozenset(
         ("backward atomic labels=positive #1", "tf32", 64, "sm_90"),
         ("backward atomic labels=positive #1", "tf32", 512, "sm_90"),
         ("backward two_kernels labels=ignore #2", "ieee", 128, "sm_90"),
+        ("backward two_kernels labels=ignore #2", "tf32", 64, "sm_90"),
         *(("forward labels=positive #1", "ieee", d, "sm_90") for d in DIMS),
     }
 )
