@@ -243,17 +243,7 @@ def test_two_ranks_compiled_equal_eager_and_float64(world, kind, backend):
     """The exchange and the rows' gathers are functional collectives the compiler traces:
     0 graph breaks on each rank, at most 3 graphs over five splits, and each step equal
     to eager on every rank and to one float64 process on the global batch."""
-    results = world.run(ranks_compiled_and_eager, kind, backend, SPLITS)
-    for rank, r in enumerate(results):
-        assert r["breaks"] == 0, f"rank {rank}"
-        assert r["graphs"] <= 3, f"rank {rank}: {r['graphs']} graphs"
-    for k, sizes in enumerate(SPLITS):
-        where = f" at {sizes}"
-        for rank, r in enumerate(results):
-            step = r["steps"][k]
-            assert_same_as_eager(step["compiled"], step["eager"], f"{where} rank {rank}")
-        img, txt = testing.make_pairs(sum(sizes), DIM, seed=40 + k)
-        check_truth(kind, [r["steps"][k]["compiled"] for r in results], img, txt, sizes, where)
+    check_two_ranks(world.run(ranks_compiled_and_eager, kind, backend, SPLITS), kind)
 
 
 @pytest.mark.parametrize("same_label", ["positive", "ignore"])
@@ -263,18 +253,27 @@ def test_two_ranks_compiled_with_labels(world, kind, same_label):
     gather and the counts from sorted ids trace whole (0 graph breaks, at most 3 graphs
     over five splits), and each step equals eager and one float64 process."""
     args = (kind, "chunked", SPLITS, "aot_eager", same_label)
-    results = world.run(ranks_compiled_and_eager, *args)
+    check_two_ranks(world.run(ranks_compiled_and_eager, *args), kind, same_label)
+
+
+def check_two_ranks(results: list[dict], kind: str, same_label: str | None = None) -> None:
+    """:func:`ranks_compiled_and_eager`'s results over :data:`SPLITS`: no graph break
+    and at most 3 graphs on each rank, each step equal to eager on every rank and to one
+    float64 process on the global batch (with :func:`step_labels` under ``same_label``)."""
     for rank, r in enumerate(results):
-        assert r["breaks"] == 0 and r["graphs"] <= 3, (rank, r["breaks"], r["graphs"])
+        assert r["breaks"] == 0, f"rank {rank}"
+        assert r["graphs"] <= 3, f"rank {rank}: {r['graphs']} graphs"
     for k, sizes in enumerate(SPLITS):
-        where = f" at {sizes} ({same_label})"
+        where = f" at {sizes}" + ("" if same_label is None else f" ({same_label})")
         for rank, r in enumerate(results):
             step = r["steps"][k]
             assert_same_as_eager(step["compiled"], step["eager"], f"{where} rank {rank}")
         img, txt = testing.make_pairs(sum(sizes), DIM, seed=40 + k)
-        labels = step_labels(sum(sizes))
         steps = [r["steps"][k]["compiled"] for r in results]
-        check_truth(kind, steps, img, txt, sizes, where, labels=labels, same_label=same_label)
+        targets = {}
+        if same_label is not None:
+            targets = dict(labels=step_labels(sum(sizes)), same_label=same_label)
+        check_truth(kind, steps, img, txt, sizes, where, **targets)
 
 
 def test_two_ranks_compiled_refuse_an_empty_rank(world):
